@@ -35,13 +35,16 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ScheduledRequest:
     request: Request
+    start: int
+    """The request's num_computed_tokens when scheduled: this step computes tokens from here."""
     num_new_tokens: int
-    """Tokens computed this step, starting at request.num_computed_tokens."""
+    samples: bool
+    """Whether this step reaches the end of the known tokens, so a new token is sampled."""
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the known tokens, so a new token is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    @classmethod
+    def of(cls, request: Request, num_new_tokens: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return cls(request, start, num_new_tokens, start + num_new_tokens == request.num_tokens)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled.append(ScheduledRequest(request, num_new))
+                scheduled.append(ScheduledRequest.of(request, num_new))
                 budget -= num_new
                 index += 1
 
@@ -119,7 +122,7 @@ class Scheduler:
                 request.num_cached_tokens = num_cached_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(ScheduledRequest(request, num_new))
+            scheduled.append(ScheduledRequest.of(request, num_new))
             budget -= num_new
 
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
