@@ -1,0 +1,55 @@
+"""EngineConfig: everything the engine is built from, frozen once at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16",
+                 "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None
+    """A GGUF file, a Hugging Face directory, or None for the default model."""
+    dtype: str = "auto"
+    """auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16."""
+    device: str = "cpu"
+    max_model_len: int | None = None
+    """None: the model's context length, capped by what the KV cache holds."""
+    block_size: int = 16
+    kv_cache_space_gib: float = 0.5
+    """Memory for the KV cache; pages are committed only as blocks are first used."""
+    num_kv_blocks: int | None = None
+    """Overrides kv_cache_space_gib when set."""
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    """Seeds the per-request seeds of requests that bring none."""
+    num_threads: int | None = None
+    """Torch intra-op threads; None keeps torch's default (all cores)."""
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+        if self.kv_cache_space_gib <= 0:
+            raise ValueError("kv_cache_space_gib must be positive")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        self.torch_dtype  # validates dtype
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        name = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if name == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        return DTYPES[name]

@@ -1,0 +1,216 @@
+"""AsyncEngine: the engine loop in its own thread, seen from asyncio as generate()/abort().
+
+The loop thread owns the LLMEngine; nothing else touches it. Requests and aborts reach it
+through a thread-safe inbox; outputs go back to each request's mailbox on the event loop.
+A mailbox merges deltas that arrive while its consumer is busy, so a slow client never makes
+the engine wait and never loses text. Torch releases the GIL inside kernels, so the event
+loop stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+
+from rillm.config import EngineConfig
+from rillm.engine.llm_engine import LLMEngine
+from rillm.outputs import CompletionOutput, RequestOutput
+from rillm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop crashed; no request can be served any more."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    num_preemptions: int
+
+
+class _Mailbox:
+    """One request's outputs, merged while unread. Lives on the event loop thread."""
+
+    def __init__(self) -> None:
+        self._pending: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(self._pending, RequestOutput) and isinstance(item, RequestOutput):
+            self._pending = merge_outputs(self._pending, item)
+        elif not isinstance(self._pending, BaseException):
+            self._pending = item
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        self._ready.clear()
+        item, self._pending = self._pending, None
+        assert item is not None
+        return item
+
+
+def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """Two consecutive deltas of one request as one delta."""
+    by_index = {c.index: c for c in first.outputs}
+    for c in second.outputs:
+        prev = by_index.get(c.index)
+        if prev is None:
+            by_index[c.index] = c
+            continue
+        logprobs = None
+        if prev.logprobs is not None or c.logprobs is not None:
+            logprobs = (prev.logprobs or ()) + (c.logprobs or ())
+        by_index[c.index] = CompletionOutput(
+            index=c.index,
+            text=prev.text + c.text,
+            token_ids=prev.token_ids + c.token_ids,
+            logprobs=logprobs,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )
+    outputs = tuple(by_index[i] for i in sorted(by_index))
+    return replace(second, outputs=outputs)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, _Mailbox]] = {}
+        """Request id -> where its outputs go. Touched only by the loop thread."""
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="rillm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine(config))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+        return self.engine.tokenizer
+
+    def stats(self) -> EngineStats:
+        """A snapshot read across threads: good for monitoring, not for decisions."""
+        s = self.engine.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            num_free_blocks=self.engine.block_manager.num_free_blocks,
+            num_blocks=self.engine.block_manager.num_blocks,
+            num_preemptions=s.num_preemptions,
+        )
+
+    async def generate(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's output deltas until it finishes. Raises InvalidParameterError
+        before yielding anything for a request the model cannot take; leaving the iteration
+        early (or cancelling it) aborts the request."""
+        if self.error is not None:
+            raise EngineDeadError("the engine has stopped") from self.error
+        self.engine.validate(prompt_token_ids, params)
+        mailbox = _Mailbox()
+        loop = asyncio.get_running_loop()
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, prompt, loop, mailbox))
+        if self.error is not None:  # it died between the check above and the put
+            raise EngineDeadError("the engine has stopped") from self.error
+        finished = False
+        try:
+            while not finished:
+                item = await mailbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._inbox.put(("stop",))
+        self._thread.join(timeout=30)
+
+    # -- the loop thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                block = not self.engine.has_unfinished_requests()
+                self._drain_inbox(block)
+                if self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        self._deliver(output.request_id, output, output.finished)
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+            logger.exception("engine loop crashed")
+            self.error = exc
+            dead = EngineDeadError(f"the engine stopped: {exc!r}")
+            for request_id in list(self._routes):
+                self._deliver(request_id, dead, True)
+            self._fail_inbox(dead)
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                message = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            kind = message[0]
+            if kind == "add":
+                _, request_id, prompt_ids, params, prompt, loop, mailbox = message
+                self._routes[request_id] = (loop, mailbox)
+                try:
+                    self.engine.add_request(request_id, prompt_ids, params, prompt)
+                except ValueError as exc:
+                    self._deliver(request_id, exc, True)
+            elif kind == "abort":
+                self.engine.abort_request(message[1])
+                self._routes.pop(message[1], None)
+            elif kind == "stop":
+                return
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        while True:
+            try:
+                message = self._inbox.get(block=False)
+            except queue.Empty:
+                return
+            if message[0] == "add":
+                loop, mailbox = message[5], message[6]
+                loop.call_soon_threadsafe(mailbox.put, error)
+
+    def _deliver(
+        self, request_id: str, item: RequestOutput | BaseException, last: bool
+    ) -> None:
+        route = self._routes.pop(request_id, None) if last else self._routes.get(request_id)
+        if route is None:
+            return
+        loop, mailbox = route
+        try:
+            loop.call_soon_threadsafe(mailbox.put, item)
+        except RuntimeError:  # the caller's event loop is closed
+            self.engine.abort_request(request_id)

@@ -1,0 +1,266 @@
+"""LLMEngine: the synchronous engine. One `step()` = schedule -> run -> postprocess.
+
+It owns the model runner, the scheduler and one detokenizer per choice, and turns each
+step's new tokens into `RequestOutput` deltas. A request with n > 1 becomes n sequences that
+share the prompt's KV blocks through the prefix cache; their deltas come back under the
+parent request id with the choice `index`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rillm.config import EngineConfig
+from rillm.core.block_manager import BlockManager
+from rillm.core.request import Request, RequestStatus
+from rillm.core.scheduler import Scheduler, SchedulerConfig
+from rillm.engine.detokenizer import IncrementalDetokenizer
+from rillm.loader import LoadedModel, load_model
+from rillm.model.config import ModelArchConfig
+from rillm.model.llama import build_model
+from rillm.outputs import CompletionOutput, Logprob, RequestOutput
+from rillm.sampling_params import InvalidParameterError, SamplingParams
+from rillm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Choice:
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer
+
+
+@dataclass(slots=True)
+class _Parent:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    prompt: str | None
+    choices: dict[str, _Choice] = field(default_factory=dict)
+    """Scheduler request id -> choice."""
+    num_finished: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        loaded = loaded if loaded is not None else load_model(config.model)
+        self.model_path = loaded.path
+        self.model_config: ModelArchConfig = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.chat_template = loaded.chat_template
+        self.dtype = config.torch_dtype
+        device = torch.device(config.device)
+        model = build_model(loaded.config, loaded.weights, self.dtype, device)
+
+        num_blocks = config.num_kv_blocks or self._blocks_for_space(config)
+        capacity = num_blocks * config.block_size
+        self.max_model_len = self._resolve_max_model_len(config, capacity)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+            ),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(
+            model, loaded.config, num_blocks, config.block_size, self.dtype, device
+        )
+        self._parents: dict[str, _Parent] = {}
+        self._choice_parent: dict[str, _Parent] = {}
+        self._rng = random.Random(config.seed)
+        self._arrival = itertools.count()
+
+    # -- admission -------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> int:
+        """Check a request against the model; returns its resolved max_tokens.
+        Raises InvalidParameterError naming the offending parameter."""
+        vocab = self.model_config.vocab_size
+        if not prompt_token_ids:
+            raise InvalidParameterError("prompt", "the prompt is empty")
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidParameterError("prompt", f"token ids must be in [0, {vocab})")
+        room = self.max_model_len - len(prompt_token_ids)
+        if room < 1:
+            raise InvalidParameterError(
+                "prompt",
+                f"the prompt has {len(prompt_token_ids)} tokens, but the model's context "
+                f"length (max_model_len) is {self.max_model_len}",
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidParameterError(
+                "max_tokens",
+                f"the prompt ({len(prompt_token_ids)} tokens) plus max_tokens "
+                f"({params.max_tokens}) exceeds the context length {self.max_model_len}",
+            )
+        if params.min_tokens > room:
+            raise InvalidParameterError("min_tokens", f"must be at most {room} for this prompt")
+        for name, ids in (("logit_bias", params.logit_bias or {}),
+                          ("stop_token_ids", params.stop_token_ids or ())):
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidParameterError(name, f"token ids must be in [0, {vocab})")
+        return params.max_tokens if params.max_tokens is not None else room
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> None:
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        max_tokens = self.validate(prompt_token_ids, params)
+        prompt_ids = list(prompt_token_ids)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        parent = _Parent(request_id, tuple(prompt_ids), prompt)
+        arrival = next(self._arrival)
+        for index in range(params.n):
+            request = Request(
+                request_id=f"{request_id}#{index}",
+                prompt_token_ids=prompt_ids,
+                params=params,
+                max_tokens=max_tokens,
+                seed=base_seed + index,
+                eos_token_ids=frozenset(self.model_config.eos_token_ids),
+                arrival=arrival,
+            )
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
+            parent.choices[request.request_id] = _Choice(index, request, detokenizer)
+        for choice_id, choice in parent.choices.items():
+            self.scheduler.add(choice.request)
+            self._choice_parent[choice_id] = parent
+        self._parents[request_id] = parent
+
+    def abort_request(self, request_ids: Sequence[str] | str) -> None:
+        """End requests now and free their KV blocks. Unknown ids are ignored."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            parent = self._parents.pop(request_id, None)
+            if parent is None:
+                continue
+            self.scheduler.finish(parent.choices, RequestStatus.FINISHED_ABORTED)
+            for choice_id in parent.choices:
+                self._choice_parent.pop(choice_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        result = self.runner.execute(scheduled.scheduled)
+        logprobs = {
+            s.request.request_id: lp
+            for s, lp in zip(scheduled.scheduled, result.logprobs, strict=True)
+        }
+        updated = self.scheduler.update(scheduled, result.sampled_token_ids)
+        return self._postprocess(updated, logprobs)
+
+    def _postprocess(
+        self, updated: list[Request], logprobs: dict[str, Logprob | None]
+    ) -> list[RequestOutput]:
+        deltas: dict[str, list[CompletionOutput]] = {}
+        for request in updated:
+            parent = self._choice_parent[request.request_id]
+            choice = parent.choices[request.request_id]
+            deltas.setdefault(parent.request_id, []).append(
+                self._choice_delta(choice, logprobs.get(request.request_id))
+            )
+        outputs = []
+        for parent_id, completions in deltas.items():
+            parent = self._parents[parent_id]
+            parent.num_finished += sum(1 for c in completions if c.finished)
+            finished = parent.num_finished == len(parent.choices)
+            if finished:
+                del self._parents[parent_id]
+                for choice_id in parent.choices:
+                    del self._choice_parent[choice_id]
+            outputs.append(
+                RequestOutput(
+                    request_id=parent_id,
+                    prompt_token_ids=parent.prompt_token_ids,
+                    outputs=tuple(completions),
+                    finished=finished,
+                    prompt=parent.prompt,
+                    num_cached_tokens=min(
+                        c.request.num_cached_tokens for c in parent.choices.values()
+                    ),
+                )
+            )
+        return outputs
+
+    def _choice_delta(self, choice: _Choice, logprob: Logprob | None) -> CompletionOutput:
+        request = choice.request
+        token_id = request.output_token_ids[-1]
+        finished = request.is_finished
+        # The EOS or stop token that ended a choice is not part of its text.
+        hide_last = (
+            request.status is RequestStatus.FINISHED_STOPPED
+            and not request.params.include_stop_str_in_output
+        )
+        delta = choice.detokenizer.update([] if hide_last else [token_id], finished=finished)
+        if delta.stop_string is not None:
+            if finished:  # it also hit max_tokens or EOS; the stop string explains the end
+                request.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.scheduler.finish([request.request_id], RequestStatus.FINISHED_STOPPED)
+            request.stop_reason = delta.stop_string
+        return CompletionOutput(
+            index=choice.index,
+            text=delta.text,
+            token_ids=(token_id,),
+            logprobs=(logprob,) if logprob is not None else None,
+            finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason,
+        )
+
+    # -- sizing ------------------------------------------------------------------------------
+
+    def _blocks_for_space(self, config: EngineConfig) -> int:
+        arch = self.model_config
+        bytes_per_token = (
+            2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim
+            * torch.empty((), dtype=self.dtype).element_size()
+        )
+        space = int(config.kv_cache_space_gib * 2**30)
+        return max(1, space // (bytes_per_token * config.block_size))
+
+    def _resolve_max_model_len(self, config: EngineConfig, capacity: int) -> int:
+        model_len = self.model_config.max_position_embeddings
+        if config.max_model_len is None:
+            if capacity < model_len:
+                logger.info(
+                    "max_model_len set to %d tokens, what the KV cache holds (the model allows "
+                    "%d; raise kv_cache_space_gib for more)", capacity, model_len,
+                )
+            return min(model_len, capacity)
+        if config.max_model_len > model_len:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's context length "
+                f"{model_len}"
+            )
+        if config.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} does not fit in the KV cache "
+                f"({capacity} tokens); raise kv_cache_space_gib or lower max_model_len"
+            )
+        return config.max_model_len

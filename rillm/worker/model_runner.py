@@ -1,0 +1,159 @@
+"""ModelRunner: turns a scheduled step into tensors, runs the model, samples.
+
+The only place that builds tensors from requests. One flat batch per step: the tokens of all
+scheduled requests back to back, no padding in the linear layers; attention metadata groups
+decodes and prefill chunks separately (see attention.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rillm.core.scheduler import ScheduledRequest
+from rillm.model.config import ModelArchConfig
+from rillm.model.llama import LlamaForCausalLM
+from rillm.outputs import Logprob
+from rillm.worker.attention import AttentionGroup, AttentionMetadata, KVCache
+from rillm.worker.sampler import Sampler, SamplerOutput, SamplingBatch
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    sampled_token_ids: list[int | None]
+    """One entry per scheduled request; None where the step did not sample (partial prefill)."""
+    logprobs: list[Logprob | None]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: ModelArchConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.block_size = block_size
+        self.device = device
+        self.eos_token_ids = config.eos_token_ids
+        self.caches = [
+            KVCache(num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype, device)
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, scheduled: Sequence[ScheduledRequest]) -> RunnerOutput:
+        input_ids, positions, metadata, logits_indices = self._prepare(scheduled)
+        logits = self.model(input_ids, positions, self.caches, metadata, logits_indices)
+        sampling = [s for s in scheduled if s.samples]
+        sampled: list[int | None] = [None] * len(scheduled)
+        logprobs: list[Logprob | None] = [None] * len(scheduled)
+        if not sampling:
+            return RunnerOutput(sampled, logprobs)
+        batch = SamplingBatch.build(
+            params=[s.request.params for s in sampling],
+            seeds=[s.request.seed for s in sampling],
+            prompt_token_ids=[s.request.prompt_token_ids for s in sampling],
+            output_token_ids=[s.request.output_token_ids for s in sampling],
+            eos_token_ids=self.eos_token_ids,
+            vocab_size=self.config.vocab_size,
+            device=self.device,
+        )
+        result = self.sampler(logits, batch)
+        rows = [i for i, s in enumerate(scheduled) if s.samples]
+        for row, token_id in zip(rows, result.token_ids.tolist(), strict=True):
+            sampled[row] = token_id
+        if result.logprobs is not None:
+            for row, entry in zip(rows, _logprobs(result, sampling), strict=True):
+                logprobs[row] = entry
+        return RunnerOutput(sampled, logprobs)
+
+    def _prepare(
+        self, scheduled: Sequence[ScheduledRequest]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        device = self.device
+        ids: list[int] = []
+        for s in scheduled:
+            ids.extend(s.request.all_token_ids[s.start : s.start + s.num_new_tokens])
+        num_new = torch.tensor([s.num_new_tokens for s in scheduled], dtype=torch.int64)
+        starts = torch.tensor([s.start for s in scheduled], dtype=torch.int64)
+        ends = torch.cumsum(num_new, 0)
+        offsets = ends - num_new  # where each request's tokens begin in the flat batch
+        num_tokens = int(ends[-1])
+        row = torch.repeat_interleave(torch.arange(len(scheduled)), num_new)
+        positions = starts[row] + torch.arange(num_tokens) - offsets[row]
+
+        max_blocks = max(len(s.request.block_ids) for s in scheduled)
+        block_tables = torch.tensor(
+            [s.request.block_ids + [0] * (max_blocks - len(s.request.block_ids)) for s in scheduled],
+            dtype=torch.int64,
+        )
+        size = self.block_size
+        slot_mapping = block_tables[row, positions // size] * size + positions % size
+
+        groups = []
+        for rows in (torch.nonzero(num_new == 1).flatten(), torch.nonzero(num_new > 1).flatten()):
+            if rows.numel():
+                groups.append(
+                    self._group(rows, num_new[rows], starts[rows], offsets[rows], block_tables)
+                )
+        metadata = AttentionMetadata(slot_mapping.to(device), tuple(groups))
+        samples = torch.tensor([s.samples for s in scheduled], dtype=torch.bool)
+        logits_indices = (ends - 1)[samples]
+        return (
+            torch.tensor(ids, dtype=torch.int64, device=device),
+            positions.to(device),
+            metadata,
+            logits_indices.to(device),
+        )
+
+    def _group(
+        self,
+        rows: torch.Tensor,
+        num_new: torch.Tensor,
+        starts: torch.Tensor,
+        offsets: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> AttentionGroup:
+        q_len = int(num_new.max())
+        step = torch.arange(q_len)
+        valid = step[None, :] < num_new[:, None]
+        token_index = torch.where(valid, offsets[:, None] + step[None, :], 0)
+        # Padding queries look at key 0 only, so no softmax row is empty.
+        query_pos = torch.where(valid, starts[:, None] + step[None, :], 0)
+        num_blocks = -(-int((starts + num_new).max()) // self.block_size)
+        key_pos = torch.arange(num_blocks * self.block_size)
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
+        device = self.device
+        return AttentionGroup(
+            token_index=token_index.to(device),
+            valid=valid.to(device),
+            block_tables=block_tables[rows, :num_blocks].to(device),
+            mask=mask.to(device),
+        )
+
+
+def _logprobs(result: SamplerOutput, sampling: Sequence[ScheduledRequest]) -> list[Logprob | None]:
+    assert result.logprobs is not None and result.ranks is not None
+    assert result.top_ids is not None and result.top_logprobs is not None
+    token_ids = result.token_ids.tolist()
+    values = result.logprobs.tolist()
+    ranks = result.ranks.tolist()
+    top_ids = result.top_ids.tolist()
+    top_values = result.top_logprobs.tolist()
+    entries: list[Logprob | None] = []
+    for i, s in enumerate(sampling):
+        k = s.request.params.logprobs
+        if k is None:
+            entries.append(None)
+            continue
+        top = tuple(zip(top_ids[i][:k], top_values[i][:k], strict=True))
+        entries.append(Logprob(token_ids[i], values[i], ranks[i], top))
+    return entries
