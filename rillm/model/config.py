@@ -23,7 +23,7 @@ class ModelArchConfig:
     rope_theta: float
     max_position_embeddings: int
     rope_scaling: dict[str, Any] | None = None
-    """Hugging Face's rope_scaling dict ("rope_type": "llama3" | "linear" | ...), None for plain RoPE."""
+    """Hugging Face's rope_scaling dict ("rope_type": "llama3", "linear", ...); None: plain RoPE."""
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     """Bias on the Q/K/V projections (Qwen2)."""
