@@ -43,7 +43,7 @@ class EngineConfig:
             raise ValueError("kv_cache_space_gib must be positive")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
-        self.torch_dtype  # validates dtype
+        _ = self.torch_dtype  # raises for an unknown dtype
 
     @property
     def torch_dtype(self) -> torch.dtype:

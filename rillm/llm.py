@@ -120,7 +120,8 @@ class LLM:
             while self.engine.has_unfinished_requests():
                 for delta in self.engine.step():
                     prev = results.get(delta.request_id)
-                    results[delta.request_id] = delta if prev is None else merge_outputs(prev, delta)
+                    merged = delta if prev is None else merge_outputs(prev, delta)
+                    results[delta.request_id] = merged
         except BaseException:
             self.engine.abort_request(ids)
             raise

@@ -43,15 +43,26 @@ class ModelRunner:
         self.device = device
         self.eos_token_ids = config.eos_token_ids
         self.caches = [
-            KVCache(num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype, device)
+            KVCache(num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype,
+                    device)
             for _ in range(config.num_hidden_layers)
         ]
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, scheduled: Sequence[ScheduledRequest]) -> RunnerOutput:
+    def forward(
+        self, scheduled: Sequence[ScheduledRequest], all_tokens: bool = False
+    ) -> torch.Tensor:
+        """Run the model on the step, writing its K/V into the cache. Logits [N, vocab] (float32)
+        of the last token of each request that samples, or of every token if `all_tokens`."""
         input_ids, positions, metadata, logits_indices = self._prepare(scheduled)
-        logits = self.model(input_ids, positions, self.caches, metadata, logits_indices)
+        if all_tokens:
+            logits_indices = torch.arange(input_ids.shape[0], device=self.device)
+        return self.model(input_ids, positions, self.caches, metadata, logits_indices)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: Sequence[ScheduledRequest]) -> RunnerOutput:
+        logits = self.forward(scheduled)
         sampling = [s for s in scheduled if s.samples]
         sampled: list[int | None] = [None] * len(scheduled)
         logprobs: list[Logprob | None] = [None] * len(scheduled)
@@ -92,7 +103,7 @@ class ModelRunner:
 
         max_blocks = max(len(s.request.block_ids) for s in scheduled)
         block_tables = torch.tensor(
-            [s.request.block_ids + [0] * (max_blocks - len(s.request.block_ids)) for s in scheduled],
+            [b + [0] * (max_blocks - len(b)) for b in (s.request.block_ids for s in scheduled)],
             dtype=torch.int64,
         )
         size = self.block_size

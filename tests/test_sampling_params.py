@@ -1,0 +1,39 @@
+import pytest
+
+from rillm.sampling_params import MAX_LOGPROBS, InvalidParameterError, SamplingParams
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+        ({"logprobs": MAX_LOGPROBS + 1}, "logprobs"),
+        ({"stop": ""}, "stop"),
+        ({"stop": ["ok", ""]}, "stop"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"logit_bias": {5: 101.0}}, "logit_bias"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ],
+)
+def test_invalid_values_raise_naming_the_parameter(kwargs, param):
+    with pytest.raises(InvalidParameterError) as err:
+        SamplingParams(**kwargs)
+    assert err.value.param == param
+    assert str(err.value).startswith(param)
+    assert isinstance(err.value, ValueError)
+
+
+def test_stop_accepts_a_string_or_a_list():
+    assert SamplingParams(stop="x").stop_strings == ("x",)
+    assert SamplingParams(stop=["a", "b"]).stop_strings == ("a", "b")
+    assert SamplingParams().stop_strings == ()
