@@ -3,4 +3,15 @@
 from rillm.outputs import CompletionOutput, Logprob, RequestOutput
 from rillm.sampling_params import SamplingParams
 
-__all__ = ["CompletionOutput", "Logprob", "RequestOutput", "SamplingParams"]
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    # LLM pulls in torch and the model code; `import rillm` for SamplingParams stays light.
+    if name == "LLM":
+        from rillm.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'rillm' has no attribute {name!r}")

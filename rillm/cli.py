@@ -1,0 +1,122 @@
+"""The `rillm` command. The only module that reads argv and the environment."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rillm import __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args.handler(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rillm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"rillm {__version__}")
+    commands = parser.add_subparsers(dest="command")
+
+    generate = commands.add_parser(
+        "generate", help="stream one answer to the terminal",
+        description="Generate text for PROMPT and stream it to stdout as it is produced.",
+    )
+    generate.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    add_engine_args(generate)
+    generate.add_argument("--max-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=0.7)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=None,
+                          help="a stop string (repeatable)")
+    generate.add_argument("--system", default=None, help="a system message for the chat template")
+    generate.add_argument("--raw", action="store_true",
+                          help="send the prompt as is, without the chat template")
+    generate.set_defaults(handler=run_generate)
+    return parser
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="a GGUF file or Hugging Face directory "
+                        "(default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-space", type=float, default=0.5, metavar="GIB",
+                        help="memory for the KV cache in GiB")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=True)
+
+
+def engine_config(args: argparse.Namespace):  # noqa: ANN201 - EngineConfig, imported lazily
+    from rillm.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_space_gib=args.kv_cache_space,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    # Heavy imports only once the arguments are known to be good.
+    from rillm.engine.llm_engine import LLMEngine
+    from rillm.loader import ModelLoadError
+    from rillm.sampling_params import SamplingParams
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            max_tokens=args.max_tokens, stop=args.stop,
+        )
+        engine = LLMEngine(engine_config(args))
+    except (ValueError, ModelLoadError) as exc:
+        print(f"rillm: error: {exc}", file=sys.stderr)
+        return 2
+    tokenizer = engine.tokenizer
+    if args.raw or not engine.chat_template:
+        ids = tokenizer.encode(prompt)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=engine.chat_template, add_generation_prompt=True,
+            tokenize=False,
+        )
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    try:
+        engine.add_request("cli", ids, params)
+    except ValueError as exc:
+        print(f"rillm: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                sys.stdout.write(out.outputs[0].text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        engine.abort_request("cli")
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

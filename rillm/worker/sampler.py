@@ -1,0 +1,420 @@
+"""Sampler: picks each sequence's next token from the model's logits, for a whole batch at once.
+
+`SamplingBatch.build` turns per-request `SamplingParams` into tensors (the only per-row Python
+loop); `Sampler` applies them to a [B, V] logits tensor with batched torch ops on any device.
+
+Pipeline, in vLLM's order: logit bias, banned tokens (EOS and stop tokens before `min_tokens`,
+EOS under `ignore_eos`), repetition/frequency/presence penalties; greedy rows take the argmax of
+that; sampled rows go on through temperature, min_p, top_k, top_p and a seeded draw. Logprobs
+describe the model's raw distribution (log_softmax of the logits as they came in).
+
+Randomness is a counter-based hash of (seed, step, token id), so a row's token never depends on
+the rows sampled beside it: a seeded request gives the same tokens alone, in any batch, and when
+it is recomputed after preemption.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rillm.sampling_params import SamplingParams
+
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily: dividing by them would overflow float32 logits."""
+
+_MASK32 = 0xFFFF_FFFF
+# Odd multipliers below 2**31, so a product of two 32-bit values stays below 2**63 and the
+# int64 arithmetic is exact on every device (no reliance on signed-overflow wrapping).
+_MUL_A = 0x7FEB_352D
+_MUL_B = 0x5BD1_E995
+_STEP_SALT = 0x6A09_E667
+_STRIDE_SALT = 0xBB67_AE85
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingBatch:
+    """How to sample each row of one step's logits; row i belongs to one sequence.
+
+    Optional tensors are None when no row needs them, so a batch of plain requests costs only
+    the per-row vectors. Filter settings (top_k, top_p, min_p) are neutral on greedy rows.
+    """
+
+    num_rows: int
+    vocab_size: int
+    greedy: Tensor
+    """[B] bool: argmax instead of a draw."""
+    temperature: Tensor
+    """[B] float32; 1.0 on greedy rows."""
+    seed_lo: Tensor
+    """[B] int64: low 32 bits of the row's seed."""
+    seed_hi: Tensor
+    """[B] int64: bits 32..63 of the row's seed."""
+    steps: Tensor
+    """[B] int64: index of the token being sampled (tokens generated so far)."""
+    top_k: Tensor | None
+    """[B] int64 in [1, V]; V keeps everything."""
+    max_top_k: int
+    """Largest top_k below V over sampled rows (0 when `top_k` is None)."""
+    top_p: Tensor | None
+    """[B] float32 in (0, 1]; 1.0 keeps everything."""
+    min_p: Tensor | None
+    """[B] float32 in [0, 1]; 0.0 keeps everything."""
+    repetition_penalty: Tensor | None
+    """[B] float32, set together with `seen_tokens`."""
+    seen_tokens: Tensor | None
+    """[B, V] bool: token occurs in the prompt or the output (rows with a repetition penalty)."""
+    frequency_penalty: Tensor | None
+    """[B] float32, set together with `presence_penalty` and `output_counts`."""
+    presence_penalty: Tensor | None
+    output_counts: Tensor | None
+    """[B, V] float32: occurrences of each token in the output (rows with such a penalty)."""
+    logit_bias: tuple[Tensor, Tensor, Tensor] | None
+    """(rows, token ids, biases), int64/int64/float32, each [N] with unique (row, token) pairs."""
+    banned: tuple[Tensor, Tensor] | None
+    """(rows, token ids), int64 [N]: tokens this row must not produce at this step."""
+    all_greedy: bool
+    any_greedy: bool
+    max_num_logprobs: int | None
+    """Largest top-logprobs count asked for; None when no row wants logprobs."""
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        prompt_token_ids: Sequence[Sequence[int]],
+        output_token_ids: Sequence[Sequence[int]],
+        eos_token_ids: Sequence[int],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingBatch:
+        """One row per entry of `params`; the other sequences are aligned with it.
+
+        `seeds[i]` is any Python int; only its low 64 bits matter. Token ids at or above
+        `vocab_size` in `logit_bias`, `stop_token_ids` or `eos_token_ids` are ignored: they
+        can never be sampled (rejecting such requests is admission's job). Prompt and output
+        tokens must lie below `vocab_size`.
+        """
+        num_rows = len(params)
+        if num_rows == 0:
+            raise ValueError("a sampling batch needs at least one row")
+        if not len(seeds) == len(prompt_token_ids) == len(output_token_ids) == num_rows:
+            raise ValueError("params, seeds, prompt and output token ids differ in length")
+
+        def vector(values: Sequence[float] | Sequence[int], dtype: torch.dtype) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        greedy = [p.temperature < GREEDY_TEMPERATURE for p in params]
+        rows = list(zip(params, greedy, strict=True))
+        top_k = [vocab_size if g or p.top_k <= 0 else min(p.top_k, vocab_size) for p, g in rows]
+        max_top_k = max((k for k in top_k if k < vocab_size), default=0)
+        top_p = [1.0 if g else p.top_p for p, g in rows]
+        min_p = [0.0 if g else p.min_p for p, g in rows]
+        steps = [len(out) for out in output_token_ids]
+        seeds64 = [seed & 0xFFFF_FFFF_FFFF_FFFF for seed in seeds]
+        requested = [p.logprobs for p in params if p.logprobs is not None]
+        repetition_penalty, seen_tokens = _repetition(
+            params, prompt_token_ids, output_token_ids, vocab_size, device
+        )
+        frequency_penalty, presence_penalty, output_counts = _frequency(
+            params, output_token_ids, vocab_size, device
+        )
+
+        return cls(
+            num_rows=num_rows,
+            vocab_size=vocab_size,
+            greedy=vector(greedy, torch.bool),
+            temperature=vector([1.0 if g else p.temperature for p, g in rows], torch.float32),
+            seed_lo=vector([s & _MASK32 for s in seeds64], torch.int64),
+            seed_hi=vector([s >> 32 for s in seeds64], torch.int64),
+            steps=vector(steps, torch.int64),
+            top_k=vector(top_k, torch.int64) if max_top_k else None,
+            max_top_k=max_top_k,
+            top_p=vector(top_p, torch.float32) if any(p < 1.0 for p in top_p) else None,
+            min_p=vector(min_p, torch.float32) if any(p > 0.0 for p in min_p) else None,
+            repetition_penalty=repetition_penalty,
+            seen_tokens=seen_tokens,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            output_counts=output_counts,
+            logit_bias=_logit_bias(params, vocab_size, device),
+            banned=_banned(params, steps, eos_token_ids, vocab_size, device),
+            all_greedy=all(greedy),
+            any_greedy=any(greedy),
+            max_num_logprobs=max(requested) if requested else None,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerOutput:
+    """One step's tokens. The logprob fields are set only when some row asked for logprobs;
+    they cover every row, and a row asking for k top logprobs reads the first k columns."""
+
+    token_ids: Tensor
+    """[B] int64."""
+    logprobs: Tensor | None = None
+    """[B] float32: the sampled token's logprob under the raw logits."""
+    ranks: Tensor | None = None
+    """[B] int64: 1 + the number of tokens strictly more likely than the sampled one."""
+    top_ids: Tensor | None = None
+    """[B, K] int64, most likely first; K = `SamplingBatch.max_num_logprobs`."""
+    top_logprobs: Tensor | None = None
+    """[B, K] float32, matching `top_ids`."""
+
+
+class Sampler:
+    """Turns [B, V] logits into a `SamplerOutput`, with no Python loop over rows.
+
+    Never modifies the logits it is given. On a batch with top_p it reads one integer back
+    from the device (the size of the candidate set it must sort); everything else is async.
+    """
+
+    def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape != (batch.num_rows, batch.vocab_size):
+            raise ValueError(
+                f"logits of shape {tuple(logits.shape)} do not match a batch of "
+                f"{batch.num_rows} rows over {batch.vocab_size} tokens"
+            )
+        logits = logits.float()
+        raw_logprobs = None
+        if batch.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        logits = _process_logits(logits, batch)
+        if batch.all_greedy:
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = _sample(logits, batch)
+            if batch.any_greedy:
+                token_ids = torch.where(batch.greedy, logits.argmax(dim=-1), token_ids)
+
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids=token_ids)
+        return _with_logprobs(token_ids, raw_logprobs, batch.max_num_logprobs or 0)
+
+
+def _process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Bias, bans and penalties; returns a new tensor whenever it changes anything."""
+    if batch.logit_bias is not None or batch.banned is not None:
+        logits = logits.clone()
+    if batch.logit_bias is not None:
+        rows, tokens, biases = batch.logit_bias
+        logits.index_put_((rows, tokens), biases, accumulate=True)
+    if batch.banned is not None:
+        logits.index_put_(batch.banned, logits.new_tensor(float("-inf")))
+    if batch.seen_tokens is not None and batch.repetition_penalty is not None:
+        penalty = batch.repetition_penalty[:, None]
+        # Shrink toward "less likely" either way: positive logits divide, negative multiply.
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(batch.seen_tokens, penalized, logits)
+    if (
+        batch.output_counts is not None
+        and batch.frequency_penalty is not None
+        and batch.presence_penalty is not None
+    ):
+        counts = batch.output_counts
+        logits = logits - batch.frequency_penalty[:, None] * counts
+        logits = logits - batch.presence_penalty[:, None] * (counts > 0)
+    return logits
+
+
+def _sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Temperature, min_p, top_k, top_p, then a Gumbel-max draw: argmax(x + G) with
+    G = -log(-log u) picks token i with probability softmax(x)_i, so no softmax is needed."""
+    x = logits / batch.temperature[:, None]
+    if batch.min_p is not None:
+        # p_i < min_p * p_max  <=>  x_i < x_max + log(min_p); log(0) = -inf keeps everything.
+        floor = x.amax(dim=-1, keepdim=True) + batch.min_p.log()[:, None]
+        x.masked_fill_(x < floor, float("-inf"))
+    if batch.top_k is not None:
+        _mask_top_k_(x, batch.top_k, batch.max_top_k)
+    if batch.top_p is not None:
+        _mask_top_p_(x, batch.top_p)
+    x.add_(_gumbel_noise(batch))
+    return x.argmax(dim=-1)
+
+
+def _mask_top_k_(x: Tensor, top_k: Tensor, max_top_k: int) -> None:
+    """Keep the top_k largest entries of each row (ties with the k-th included)."""
+    vocab = x.shape[-1]
+    largest = x.topk(max_top_k, dim=-1).values
+    kth = largest.gather(1, (top_k.clamp(max=max_top_k) - 1)[:, None])
+    kth.masked_fill_(top_k[:, None] >= vocab, float("-inf"))
+    x.masked_fill_(x < kth, float("-inf"))
+
+
+def _mask_top_p_(x: Tensor, top_p: Tensor) -> None:
+    """Keep each row's nucleus: the most likely tokens whose total probability first
+    reaches top_p (the top token always stays).
+
+    Sorting all V entries is the slow part on a CPU, so only candidates are sorted: tokens
+    with p >= (1 - top_p) / V. Those below carry less than 1 - top_p in total, so the
+    candidates alone reach top_p and the nucleus lies among them.
+    """
+    vocab = x.shape[-1]
+    probs = x.softmax(dim=-1)
+    active = top_p < 1.0
+    floor = torch.where(active, (1.0 - top_p) / vocab, 2.0)[:, None]
+    num_candidates = int((probs >= floor).sum(dim=-1).max())  # host sync
+    ranked = probs.topk(max(num_candidates, 1), dim=-1).values
+    before = ranked.cumsum(dim=-1) - ranked
+    num_kept = (before < top_p[:, None]).sum(dim=-1).clamp(min=1)
+    threshold = ranked.gather(1, (num_kept - 1)[:, None])
+    threshold.masked_fill_(~active[:, None], 0.0)
+    x.masked_fill_(probs < threshold, float("-inf"))
+
+
+def _gumbel_noise(batch: SamplingBatch) -> Tensor:
+    """[B, V] float32 Gumbel noise; entry (i, t) is a pure function of (seed_i, step_i, t).
+
+    Each row is a SplitMix-style stream: seed and step hash to a start value and an odd
+    stride, token t reads mix32(start + t * stride). Rows get different strides, so no row's
+    stream is a shifted copy of another's. 24 hashed bits become u in (0, 1), exact in
+    float32, and -log(-log u) is the Gumbel noise.
+    """
+    start = _mix32(((batch.steps + _STEP_SALT) & _MASK32) ^ batch.seed_hi)
+    start = _mix32(start ^ batch.seed_lo)
+    stride = _mix32(start ^ _STRIDE_SALT) | 1
+
+    # token id < 2**31 times stride < 2**32 stays below 2**63.
+    h = torch.arange(batch.vocab_size, device=start.device)[None, :] * stride[:, None]
+    h.add_(start[:, None]).bitwise_and_(_MASK32)
+    _mix32_(h)
+    u = h.bitwise_and_(0xFF_FFFF).float().add_(0.5).mul_(2.0**-24)
+    return u.log_().neg_().log_().neg_()
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer finalizer (xorshift-multiply); a bijection on [0, 2**32)."""
+    return _mix32_(x.clone())
+
+
+def _mix32_(x: Tensor) -> Tensor:
+    """`_mix32` in place: [B, V] temporaries are expensive to allocate on a CPU."""
+    x.bitwise_xor_(x >> 16)
+    x.mul_(_MUL_A).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_MUL_B).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 16)
+    return x
+
+
+def _with_logprobs(token_ids: Tensor, logprobs: Tensor, num_top: int) -> SamplerOutput:
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
+    return SamplerOutput(
+        token_ids=token_ids,
+        logprobs=chosen.squeeze(1),
+        ranks=ranks,
+        top_ids=top_ids,
+        top_logprobs=top_logprobs,
+    )
+
+
+def _repetition(
+    params: Sequence[SamplingParams],
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+    vocab_size: int,
+    device: torch.device | str,
+) -> tuple[Tensor | None, Tensor | None]:
+    """(per-row penalty, [B, V] mask of tokens seen in prompt or output), or Nones."""
+    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if not rows:
+        return None, None
+    seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
+    row_ids, token_ids = _flatten(
+        rows, [[*prompt_token_ids[i], *output_token_ids[i]] for i in rows], device
+    )
+    seen[row_ids, token_ids] = True
+    penalty = [p.repetition_penalty for p in params]
+    return torch.tensor(penalty, dtype=torch.float32, device=device), seen
+
+
+def _frequency(
+    params: Sequence[SamplingParams],
+    output_token_ids: Sequence[Sequence[int]],
+    vocab_size: int,
+    device: torch.device | str,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(frequency penalties, presence penalties, [B, V] output token counts), or Nones."""
+    rows = [
+        i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+    ]
+    if not rows:
+        return None, None, None
+    counts = torch.zeros(len(params), vocab_size, dtype=torch.float32, device=device)
+    row_ids, token_ids = _flatten(rows, [output_token_ids[i] for i in rows], device)
+    counts.index_put_((row_ids, token_ids), counts.new_ones(row_ids.shape), accumulate=True)
+    frequency = [p.frequency_penalty for p in params]
+    presence = [p.presence_penalty for p in params]
+    return (
+        torch.tensor(frequency, dtype=torch.float32, device=device),
+        torch.tensor(presence, dtype=torch.float32, device=device),
+        counts,
+    )
+
+
+def _logit_bias(
+    params: Sequence[SamplingParams], vocab_size: int, device: torch.device | str
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    entries = [
+        (row, token, bias)
+        for row, p in enumerate(params)
+        for token, bias in (p.logit_bias or {}).items()
+        if token < vocab_size
+    ]
+    if not entries:
+        return None
+    rows, tokens, biases = zip(*entries, strict=True)
+    return (
+        torch.tensor(rows, dtype=torch.int64, device=device),
+        torch.tensor(tokens, dtype=torch.int64, device=device),
+        torch.tensor(biases, dtype=torch.float32, device=device),
+    )
+
+
+def _banned(
+    params: Sequence[SamplingParams],
+    steps: Sequence[int],
+    eos_token_ids: Sequence[int],
+    vocab_size: int,
+    device: torch.device | str,
+) -> tuple[Tensor, Tensor] | None:
+    """Before `min_tokens` a row may not stop, so EOS and its stop tokens are banned; under
+    `ignore_eos` EOS is banned for good while its stop tokens stay allowed."""
+    rows: list[int] = []
+    tokens: list[int] = []
+    for row, (p, step) in enumerate(zip(params, steps, strict=True)):
+        if step < p.min_tokens:
+            banned = set(eos_token_ids) | set(p.stop_token_ids or ())
+        elif p.ignore_eos:
+            banned = set(eos_token_ids)
+        else:
+            continue
+        kept = [t for t in banned if t < vocab_size]
+        rows.extend([row] * len(kept))
+        tokens.extend(kept)
+    if not rows:
+        return None
+    return (
+        torch.tensor(rows, dtype=torch.int64, device=device),
+        torch.tensor(tokens, dtype=torch.int64, device=device),
+    )
+
+
+def _flatten(
+    rows: Sequence[int], token_lists: Sequence[Sequence[int]], device: torch.device | str
+) -> tuple[Tensor, Tensor]:
+    """(row index, token id) pairs for every token of every listed row, as two int64 tensors."""
+    row_ids = torch.repeat_interleave(
+        torch.tensor(rows, dtype=torch.int64), torch.tensor([len(t) for t in token_lists])
+    )
+    token_ids = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64)
+    return row_ids.to(device), token_ids.to(device)

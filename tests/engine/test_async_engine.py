@@ -1,0 +1,128 @@
+"""AsyncEngine: streaming deltas over asyncio, aborts, errors, many requests at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from rillm.engine.async_engine import AsyncEngine
+from rillm.sampling_params import InvalidParameterError, SamplingParams
+from tests.engine.helpers import chat_ids, run
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(make_engine):
+    async_engine = AsyncEngine(make_engine())
+    yield async_engine
+    async_engine.shutdown()
+
+
+def wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.num_running == 0 and stats.num_waiting == 0 \
+                and stats.num_free_blocks == stats.num_blocks:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"engine still busy: {engine.stats()}")
+
+
+async def collect(engine, ids, params, request_id):
+    deltas = []
+    async for out in engine.generate(ids, params, request_id):
+        deltas.append(out)
+    return deltas
+
+
+def test_stream_of_deltas_adds_up_to_the_sync_result(engine, make_engine, smollm_tokenizer):
+    ids = chat_ids(smollm_tokenizer, "Name a planet.")
+    deltas = asyncio.run(collect(engine, ids, GREEDY, "s1"))
+    assert len(deltas) > 1 and deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    text = "".join(d.outputs[0].text for d in deltas)
+    tokens = tuple(t for d in deltas for t in d.outputs[0].token_ids)
+    expected = run(make_engine(), {"x": ids}, GREEDY)["x"].outputs[0]
+    assert (text, tokens) == (expected.text, expected.token_ids)
+    assert deltas[-1].outputs[0].finish_reason == "length"
+    wait_idle(engine)
+
+
+def test_sixteen_concurrent_streams_all_complete(engine, smollm_tokenizer):
+    async def main():
+        jobs = [
+            collect(engine, chat_ids(smollm_tokenizer, f"Tell me a fact about {n}."),
+                    SamplingParams(temperature=0.7, seed=n, max_tokens=12 + n), f"c{n}")
+            for n in range(16)
+        ]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(main())
+    for n, deltas in enumerate(results):
+        assert deltas[-1].finished
+        assert sum(len(d.outputs[0].token_ids) for d in deltas) <= 12 + n
+    wait_idle(engine)
+
+
+def test_leaving_a_stream_early_aborts_and_frees_blocks(engine, smollm_tokenizer):
+    ids = chat_ids(smollm_tokenizer, "Write a long story about a dragon.")
+
+    async def main():
+        stream = engine.generate(ids, SamplingParams(max_tokens=500, ignore_eos=True), "early")
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                break
+        await stream.aclose()
+
+    asyncio.run(main())
+    wait_idle(engine)
+
+
+def test_cancelled_tasks_abort_their_requests(engine, smollm_tokenizer):
+    ids = chat_ids(smollm_tokenizer, "Write a long story about a knight.")
+
+    async def main():
+        tasks = [asyncio.create_task(collect(engine, ids, SamplingParams(
+            max_tokens=500, ignore_eos=True), f"cancel{i}")) for i in range(6)]
+        await asyncio.sleep(0.5)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # The engine goes straight on to new work.
+        return await collect(engine, ids, SamplingParams(max_tokens=3), "after")
+
+    deltas = asyncio.run(main())
+    assert deltas[-1].finished
+    wait_idle(engine)
+
+
+def test_invalid_request_raises_before_any_output(engine):
+    async def main():
+        stream = engine.generate([5] * 20000, SamplingParams(), "too-long")
+        with pytest.raises(InvalidParameterError) as err:
+            await stream.__anext__()
+        return err.value.param
+
+    assert asyncio.run(main()) == "prompt"
+    wait_idle(engine)
+
+
+def test_slow_consumer_gets_every_token_merged(engine, smollm_tokenizer):
+    ids = chat_ids(smollm_tokenizer, "Name three colours.")
+
+    async def main():
+        deltas = []
+        async for out in engine.generate(ids, GREEDY, "slow"):
+            deltas.append(out)
+            await asyncio.sleep(0.3)  # several engine steps pass meanwhile
+        return deltas
+
+    deltas = asyncio.run(main())
+    assert sum(len(d.outputs[0].token_ids) for d in deltas) == GREEDY.max_tokens
+    assert len(deltas) < GREEDY.max_tokens
+    wait_idle(engine)

@@ -1,0 +1,29 @@
+"""`rillm generate` as a user runs it: a real process, output streamed to stdout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+RILLM = [sys.executable, "-m", "rillm.cli"]
+
+
+def test_generate_streams_an_answer():
+    result = subprocess.run(
+        [*RILLM, "generate", "What is the capital of France?", "--temperature", "0",
+         "--max-tokens", "20"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_bad_arguments_give_one_clear_line_not_a_traceback(tmp_path):
+    for args, expected in [
+        (["--model", str(tmp_path / "missing.gguf")], "does not exist"),
+        (["--temperature", "-1"], "temperature"),
+    ]:
+        result = subprocess.run([*RILLM, "generate", "hi", *args], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 2
+        assert expected in result.stderr and "Traceback" not in result.stderr
