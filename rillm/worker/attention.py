@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,9 +49,8 @@ class KVCache:
         device: torch.device,
     ) -> None:
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        # torch.empty: pages are committed only when a block is first written.
-        self.key = torch.empty(shape, dtype=dtype, device=device)
-        self.value = torch.empty(shape, dtype=dtype, device=device)
+        self.key = _zeros(shape, dtype, device)
+        self.value = _zeros(shape, dtype, device)
         self.block_size = block_size
 
     def write(self, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -66,6 +66,17 @@ class KVCache:
         k = paged_k[block_tables].view(batch, max_blocks * self.block_size, heads, dim)
         v = paged_v[block_tables].view(batch, max_blocks * self.block_size, heads, dim)
         return k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed cache. It must not hold NaN: masked-out slots still meet a zero attention
+    weight in the matmul, and 0 * NaN is NaN. On the CPU, numpy's calloc hands out pages the
+    kernel zeroes on first touch, so memory is committed only as blocks are used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(shape[:-1] + (shape[-1] * itemsize,), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype)
 
 
 def paged_attention(
