@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from rillm.config import EngineConfig
 from rillm.engine.async_engine import merge_outputs
@@ -57,7 +57,9 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        batch = [prompts] if _is_single_prompt(prompts) else list(prompts)  # type: ignore[list-item]
+        batch = cast(
+            "list[Prompt]", [prompts] if _is_single_prompt(prompts) else list(prompts)  # type: ignore[arg-type]
+        )
         encoded = [self._encode(p) for p in batch]
         return self._run(encoded, sampling_params)
 
@@ -74,10 +76,10 @@ class LLM:
         conversations = (
             [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
         )
-        encoded = []
+        encoded: list[tuple[str | None, list[int]]] = []
         for conversation in conversations:
             text = self.engine.tokenizer.apply_chat_template(
-                list(conversation),
+                [dict(m) for m in conversation],  # type: ignore[union-attr, arg-type]
                 chat_template=chat_template or self.engine.chat_template,
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,
@@ -85,7 +87,7 @@ class LLM:
             )
             # The template already wrote the special tokens it wants.
             ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
-            encoded.append((text, ids))
+            encoded.append((str(text), list(ids)))
         return self._run(encoded, sampling_params)
 
     def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:

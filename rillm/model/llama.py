@@ -33,6 +33,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for the positions of a batch (rotate-half layout)."""
 
+    inv_freq: torch.Tensor
+
     def __init__(self, config: ModelArchConfig) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(config)
