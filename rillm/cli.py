@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 from rillm import __version__
@@ -40,6 +42,35 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--raw", action="store_true",
                           help="send the prompt as is, without the chat template")
     generate.set_defaults(handler=run_generate)
+
+    serve = commands.add_parser(
+        "serve", help="serve a model over the OpenAI API",
+        description="Serve MODEL (default: SmolLM2-135M-Instruct) with an OpenAI-compatible "
+        "HTTP API: /v1/chat/completions, /v1/completions, /v1/models.",
+    )
+    serve.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                       help="a GGUF file or Hugging Face directory")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="the name(s) clients use; the first is reported by /v1/models")
+    serve.add_argument("--api-key", default=os.environ.get("RILLM_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $RILLM_API_KEY)")
+    serve.add_argument("--chat-template", default=None,
+                       help="a Jinja chat template, or a file holding one")
+    serve.add_argument("--stream-interval", type=int, default=1,
+                       help="tokens per streamed event, at most")
+    serve.add_argument("--allowed-origins", nargs="*", default=[],
+                       help="origins allowed by CORS (default: CORS off)")
+    serve.add_argument("--max-queued-requests", type=int, default=None,
+                       help="requests that may wait beyond --max-num-seqs before new ones "
+                       "get 429")
+    serve.add_argument("--keepalive-interval", type=float, default=10.0,
+                       help="seconds of silence after which a stream gets a keep-alive comment")
+    serve.add_argument("--uvicorn-log-level", default="warning",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+    serve.set_defaults(handler=run_serve)
     return parser
 
 
@@ -63,7 +94,7 @@ def engine_config(args: argparse.Namespace):  # noqa: ANN201 - EngineConfig, imp
     from rillm.config import EngineConfig
 
     return EngineConfig(
-        model=args.model,
+        model=getattr(args, "model_path", None) or args.model,
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
@@ -116,6 +147,36 @@ def run_generate(args: argparse.Namespace) -> int:
         engine.abort_request("cli")
     sys.stdout.write("\n")
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from rillm.loader import DEFAULT_MODEL_NAME
+    from rillm.server.config import ServerConfig
+
+    started = time.monotonic()
+    model = getattr(args, "model_path", None) or args.model
+    try:
+        if model is not None and not os.path.exists(model):
+            raise ValueError(f"{model}: model path does not exist")
+        config = engine_config(args)
+        template = args.chat_template
+        if template is not None and os.path.isfile(template):
+            with open(template, encoding="utf-8") as f:
+                template = f.read()
+        names = tuple(args.served_model_name or [model or DEFAULT_MODEL_NAME])
+        server_config = ServerConfig(
+            host=args.host, port=args.port, served_model_names=names, api_key=args.api_key,
+            stream_interval=args.stream_interval, allowed_origins=tuple(args.allowed_origins),
+            max_queued_requests=args.max_queued_requests, chat_template=template,
+            keepalive_interval=args.keepalive_interval,
+            uvicorn_log_level=args.uvicorn_log_level,
+        )
+    except ValueError as exc:
+        print(f"rillm: error: {exc}", file=sys.stderr)
+        return 2
+    from rillm.server.runner import serve
+
+    return serve(config, server_config, started)
 
 
 if __name__ == "__main__":

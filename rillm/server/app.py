@@ -1,0 +1,196 @@
+"""The FastAPI application: routes, API keys, CORS, health, and the engine's lifecycle.
+
+The HTTP socket opens at once and the model loads in the background, so /health answers
+503 while loading and 200 once requests can be served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from rillm import __version__
+from rillm.engine.async_engine import AsyncEngine
+from rillm.server.config import ServerConfig
+from rillm.server.errors import APIError, install_error_handlers
+from rillm.server.metrics import make_registry, metrics_text
+from rillm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    engine: AsyncEngine | None = None
+    load_error: str | None = None
+    started: float = field(default_factory=time.time)
+    num_active: int = 0
+    """Generation requests accepted and not yet finished."""
+    on_ready: Callable[[], None] | None = None
+    on_failure: Callable[[str], None] | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_names[0]
+
+    def ready_engine(self) -> AsyncEngine:
+        if self.engine is None:
+            message = self.load_error or "the model is still loading"
+            raise APIError(503, message, headers={"Retry-After": "5"})
+        if not self.engine.is_running:
+            raise APIError(503, "the engine has stopped; restart the server")
+        return self.engine
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.config.served_model_names:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                           f"{self.model_name!r}", param="model", code="model_not_found")
+
+
+def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
+               state: ServerState | None = None) -> FastAPI:
+    state = state or ServerState(config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_load(state, load_engine))
+        yield
+        task.cancel()
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.shutdown)
+
+    app = FastAPI(title="rillm", version=__version__, lifespan=lifespan)
+    app.state.rillm = state
+    install_error_handlers(app)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=["*"], allow_headers=["*"])
+
+    async def require_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), config.api_key):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    secured = [Depends(require_key)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine is not None and state.engine.is_running:
+            return Response(status_code=200)
+        reason = state.load_error or ("loading" if state.engine is None else "engine stopped")
+        return JSONResponse({"status": reason}, status_code=503)
+
+    registry = make_registry(state)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(metrics_text(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/v1/models", dependencies=secured)
+    async def models() -> dict[str, Any]:
+        max_len = state.engine.engine.max_model_len if state.engine else None
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(state.started), "owned_by": "rillm",
+             "root": name, "max_model_len": max_len}
+            for name in config.served_model_names
+        ]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=secured)
+    async def model(model_id: str) -> dict[str, Any]:
+        state.check_model(model_id)
+        return {"id": model_id, "object": "model", "created": int(state.started),
+                "owned_by": "rillm"}
+
+    @app.post("/v1/chat/completions", dependencies=secured)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        from rillm.server.chat import create_chat_completion
+
+        return await _generation(state, request, lambda engine: create_chat_completion(
+            state, engine, body, request))
+
+    @app.post("/v1/completions", dependencies=secured)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        from rillm.server.completions import create_completion
+
+        return await _generation(state, request, lambda engine: create_completion(
+            state, engine, body, request))
+
+    @app.post("/tokenize", dependencies=secured)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        from rillm.server.chat import render_chat
+
+        engine = state.ready_engine()
+        state.check_model(body.model)
+        tokenizer = engine.tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            text = render_chat(state, engine, body.messages, body.add_generation_prompt, None)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
+
+    @app.post("/detokenize", dependencies=secured)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        engine = state.ready_engine()
+        state.check_model(body.model)
+        vocab = engine.engine.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+    return app
+
+
+async def _generation(
+    state: ServerState, request: Request,
+    handler: Callable[[AsyncEngine], Awaitable[Response]],
+) -> Response:
+    engine = state.ready_engine()
+    limit = state.config.max_queued_requests
+    if limit is not None:
+        waiting = state.num_active - engine.engine.config.max_num_seqs
+        if waiting >= limit:
+            raise APIError(429, f"the server is busy: {max(waiting, 0)} requests are already "
+                           "waiting; retry shortly", code="queue_full",
+                           headers={"Retry-After": "1"})
+    return await handler(engine)
+
+
+async def _load(state: ServerState, load_engine: Callable[[], AsyncEngine]) -> None:
+    try:
+        state.engine = await asyncio.to_thread(load_engine)
+    except Exception as exc:  # noqa: BLE001 - reported to the operator, then the server exits
+        state.load_error = f"the model failed to load: {exc}"
+        logger.debug("model load failed", exc_info=True)
+        if state.on_failure is not None:
+            state.on_failure(state.load_error)
+        return
+    if state.on_ready is not None:
+        state.on_ready()

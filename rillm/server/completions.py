@@ -1,0 +1,155 @@
+"""POST /v1/completions: text in (a string, strings, or token ids), text out."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from rillm.engine.async_engine import AsyncEngine
+from rillm.outputs import Logprob, RequestOutput
+from rillm.sampling_params import MAX_LOGPROBS, InvalidParameterError
+from rillm.server.errors import APIError
+from rillm.server.generation import Generation, error_event, run_until_disconnect
+from rillm.server.params import check_context, sampling_params
+from rillm.server.protocol import CompletionRequest
+from rillm.server.streaming import DONE, KEEPALIVE, ChoiceBuffer, sse, token_text
+
+DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default for this endpoint."""
+
+
+def _prompts(engine: AsyncEngine, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [engine.tokenizer.encode(prompt)]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if isinstance(prompt[0], str):
+        return [engine.tokenizer.encode(p) for p in prompt]
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [list(p) for p in prompt]
+
+
+async def create_completion(state: Any, engine: AsyncEngine, body: CompletionRequest,
+                            request: Request) -> Response:
+    state.check_model(body.model)
+    if body.suffix is not None:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
+    prompts = _prompts(engine, body.prompt)
+    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    if max_tokens < 1:
+        raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "a prompt is empty", param="prompt")
+        check_context(len(ids), max_tokens, engine.engine.max_model_len)
+    params = sampling_params(body, max_tokens, body.logprobs)
+    try:
+        for ids in prompts:
+            engine.engine.validate(ids, params)
+    except InvalidParameterError as exc:
+        raise APIError.from_invalid(exc) from None
+
+    generation = Generation(state, engine, f"cmpl-{uuid.uuid4().hex}",
+                            body.model or state.model_name, prompts, params)
+    echoes = [engine.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
+    if body.stream:
+        options = body.stream_options
+        return generation.stream_response(_stream(
+            generation, body.stream_interval or state.config.stream_interval, echoes,
+            include_usage=bool(options and options.include_usage),
+            continuous_usage=bool(options and options.continuous_usage_stats),
+            logprobs=body.logprobs is not None,
+        ))
+    final = await run_until_disconnect(request, generation.collect())
+    return JSONResponse(_response(generation, final, echoes, body.logprobs is not None))
+
+
+def _response(generation: Generation, final: RequestOutput, echoes: list[str],
+              logprobs: bool) -> dict[str, Any]:
+    tokenizer = generation.engine.tokenizer
+    n = generation.params.n
+    choices = []
+    for choice in final.outputs:
+        prefix = echoes[choice.index // n]
+        choices.append({
+            "index": choice.index,
+            "text": prefix + choice.text,
+            "logprobs": (_logprobs(tokenizer, choice.logprobs or (), len(prefix))
+                         if logprobs else None),
+            "finish_reason": choice.finish_reason,
+            "stop_reason": choice.stop_reason,
+        })
+    return {"id": generation.response_id, "object": "text_completion",
+            "created": generation.created, "model": generation.model, "choices": choices,
+            "usage": generation.usage(final)}
+
+
+def _logprobs(tokenizer: Any, logprobs: Sequence[Logprob], offset: int) -> dict[str, Any]:
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in logprobs:
+        text = token_text(tokenizer, lp.token_id)
+        tokens.append(text)
+        values.append(lp.logprob)
+        tops.append({token_text(tokenizer, t): v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+async def _stream(generation: Generation, interval: int, echoes: list[str], *,
+                  include_usage: bool, continuous_usage: bool, logprobs: bool
+                  ) -> AsyncIterator[str]:
+    tokenizer = generation.engine.tokenizer
+    n = generation.params.n
+    buffers = [ChoiceBuffer() for _ in range(n * len(generation.prompts))]
+    offsets = [len(echoes[i // n]) for i in range(len(buffers))]
+    completion_tokens = 0
+
+    def chunk(choice: dict[str, Any]) -> str:
+        data = {"id": generation.response_id, "object": "text_completion",
+                "created": generation.created, "model": generation.model, "choices": [choice]}
+        if continuous_usage:
+            data["usage"] = generation.usage_counts(completion_tokens)
+        return sse(data)
+
+    try:
+        async for output in generation.events():
+            if output is None:
+                yield KEEPALIVE
+                continue
+            for delta in output.outputs:
+                completion_tokens += len(delta.token_ids)
+                buffer = buffers[delta.index]
+                first = buffer.num_sent_events == 0
+                buffer.add(delta)
+                if not buffer.ready(interval):
+                    continue
+                text, _, lps = buffer.take()
+                if first:
+                    text = echoes[delta.index // n] + text
+                if text or (logprobs and lps):
+                    lp = _logprobs(tokenizer, lps, offsets[delta.index]) if logprobs else None
+                    offsets[delta.index] += len(text)
+                    yield chunk({"index": delta.index, "text": text, "logprobs": lp,
+                                 "finish_reason": None})
+                if buffer.finish_reason is not None:
+                    yield chunk({"index": delta.index, "text": "", "logprobs": None,
+                                 "finish_reason": buffer.finish_reason,
+                                 "stop_reason": buffer.stop_reason})
+        if include_usage:
+            yield sse({"id": generation.response_id, "object": "text_completion",
+                       "created": generation.created, "model": generation.model,
+                       "choices": [], "usage": generation.usage_counts(completion_tokens)})
+    except Exception as exc:  # noqa: BLE001 - after the 200, errors travel in the stream
+        yield error_event(exc)
+    yield DONE

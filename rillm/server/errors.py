@@ -1,0 +1,91 @@
+"""Every failure as OpenAI's error object, with a 4xx status for anything the client did."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rillm.sampling_params import InvalidParameterError
+from rillm.server.protocol import error_body
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          429: "rate_limit_exceeded", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, _TYPES.get(self.status, "server_error"), self.param,
+                          self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    @classmethod
+    def from_invalid(cls, exc: InvalidParameterError) -> APIError:
+        return cls(400, str(exc), param=exc.param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(InvalidParameterError)
+    async def invalid_parameter(_: Request, exc: InvalidParameterError) -> JSONResponse:
+        return APIError.from_invalid(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_api_error(exc.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail),
+                        headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return JSONResponse(error_body("internal server error", "server_error", None, None),
+                            status_code=500)
+
+
+def validation_api_error(errors: Any) -> APIError:
+    """The first pydantic error as a 400 whose `param` is the field's dotted path."""
+    first = list(errors)[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Drop pydantic's union-member tags ("str", "list[...]") from the path.
+    loc = [part for part in loc if not _is_type_tag(part)]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    if kind == "extra_forbidden":
+        return APIError(400, f"unrecognized request argument: {param}", param=param,
+                        code="unknown_parameter")
+    if kind == "missing":
+        return APIError(400, f"{param}: a required field is missing", param=param)
+    return APIError(400, f"{param}: {first.get('msg', 'invalid value')}", param=param,
+                    code="invalid_value")
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part \
+        or part.startswith(("function-", "constrained-"))

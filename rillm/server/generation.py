@@ -1,0 +1,150 @@
+"""One generation request on the server side: its engine requests (one per prompt), their
+merged deltas with keep-alive ticks, usage counting, and the request's life-cycle
+bookkeeping (active count, abort on disconnect)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from rillm.engine.async_engine import AsyncEngine, merge_outputs
+from rillm.outputs import CompletionOutput, RequestOutput
+from rillm.sampling_params import SamplingParams
+from rillm.server.errors import APIError
+from rillm.server.protocol import error_body
+from rillm.server.streaming import EventStreamResponse, engine_events, sse
+
+T = TypeVar("T")
+
+
+class Generation:
+    def __init__(self, state: Any, engine: AsyncEngine, response_id: str, model: str,
+                 prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+                 params: SamplingParams) -> None:
+        self.state = state
+        self.engine = engine
+        self.response_id = response_id
+        self.model = model
+        self.created = int(time.time())
+        self.prompts: list[list[int]] = (
+            [list(p) for p in prompt_ids]  # type: ignore[union-attr]
+            if prompt_ids and not isinstance(prompt_ids[0], int)
+            else [list(prompt_ids)]  # type: ignore[arg-type]
+        )
+        self.params = params
+        self.num_prompt_tokens = sum(len(p) for p in self.prompts)
+        self._request_ids = [
+            response_id if len(self.prompts) == 1 else f"{response_id}-{i}"
+            for i in range(len(self.prompts))
+        ]
+
+    def stream_response(self, body: AsyncIterator[str]) -> EventStreamResponse:
+        return EventStreamResponse(self._counted(body))
+
+    async def _counted(self, body: AsyncIterator[str]) -> AsyncIterator[str]:
+        self.state.num_active += 1
+        try:
+            async for event in body:
+                yield event
+        finally:
+            self.state.num_active -= 1
+
+    async def events(self) -> AsyncIterator[RequestOutput | None]:
+        """Deltas of every prompt, choice indices numbered prompt-major (prompt i, choice j ->
+        i * n + j); None after each keep-alive interval without one."""
+        keepalive = self.state.config.keepalive_interval
+        if len(self.prompts) == 1:
+            async for output in engine_events(self.engine, self.prompts[0], self.params,
+                                              self._request_ids[0], keepalive):
+                yield output
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(i, queue)) for i in range(len(self.prompts))]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                try:
+                    index, item = await asyncio.wait_for(queue.get(), keepalive)
+                except TimeoutError:
+                    yield None
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    remaining -= 1
+                    continue
+                yield _renumber(item, index * self.params.n)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for request_id in self._request_ids:
+                self.engine.abort(request_id)
+
+    async def _pump(self, index: int, queue: asyncio.Queue) -> None:
+        try:
+            async for output in engine_events(self.engine, self.prompts[index], self.params,
+                                              self._request_ids[index], 3600.0):
+                if output is not None:
+                    queue.put_nowait((index, output))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((index, exc))
+        queue.put_nowait((index, None))
+
+    async def collect(self) -> RequestOutput:
+        """Every delta merged into one whole output."""
+        self.state.num_active += 1
+        try:
+            merged: RequestOutput | None = None
+            async for output in self.events():
+                if output is not None:
+                    merged = output if merged is None else merge_outputs(merged, output)
+            assert merged is not None
+            return merged
+        finally:
+            self.state.num_active -= 1
+
+    def usage_counts(self, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.num_prompt_tokens + completion_tokens}
+
+    def usage(self, final: RequestOutput) -> dict[str, int]:
+        return self.usage_counts(sum(len(c.token_ids) for c in final.outputs))
+
+
+def _renumber(output: RequestOutput, offset: int) -> RequestOutput:
+    if offset == 0:
+        return output
+    outputs = tuple(
+        CompletionOutput(c.index + offset, c.text, c.token_ids, c.logprobs, c.finish_reason,
+                         c.stop_reason)
+        for c in output.outputs
+    )
+    return RequestOutput(output.request_id, output.prompt_token_ids, outputs, output.finished,
+                         output.prompt, output.num_cached_tokens)
+
+
+def error_event(exc: BaseException) -> str:
+    """An error after the stream began: one `data:` event in the OpenAI error shape."""
+    if isinstance(exc, APIError):
+        return sse(exc.body())
+    return sse(error_body(f"generation failed: {exc}", "server_error", None, None))
+
+
+async def run_until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`, cancelling it (which aborts its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "the client closed the connection")
+    finally:
+        if not task.done():
+            task.cancel()

@@ -1,0 +1,72 @@
+"""From an OpenAI request body to the engine's SamplingParams, with the checks that need
+the model (context length)."""
+
+from __future__ import annotations
+
+from rillm.sampling_params import InvalidParameterError, SamplingParams
+from rillm.server.errors import APIError
+from rillm.server.protocol import SamplingFields
+
+
+def sampling_params(body: SamplingFields, max_tokens: int | None,
+                    logprobs: int | None) -> SamplingParams:
+    """Raises APIError(400) naming the parameter for any bad value."""
+    bias = None
+    if body.logit_bias:
+        try:
+            bias = {int(token): value for token, value in body.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream=true",
+                       param="stream_options")
+    if body.stream_interval is not None and body.stream_interval < 1:
+        raise APIError(400, "stream_interval must be at least 1", param="stream_interval")
+    try:
+        return SamplingParams(
+            n=body.n,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=(1.0 if body.repetition_penalty is None
+                                else body.repetition_penalty),
+            logit_bias=bias,
+            seed=body.seed,
+            max_tokens=max_tokens,
+            min_tokens=body.min_tokens,
+            stop=body.stop,
+            stop_token_ids=body.stop_token_ids,
+            ignore_eos=body.ignore_eos,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            logprobs=logprobs,
+            skip_special_tokens=body.skip_special_tokens,
+            spaces_between_special_tokens=body.spaces_between_special_tokens,
+        )
+    except InvalidParameterError as exc:
+        raise APIError.from_invalid(exc) from None
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                  max_tokens_param: str = "max_tokens") -> None:
+    """The prompt plus max_tokens must fit the context window."""
+    if num_prompt_tokens >= max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt "
+            f"has {num_prompt_tokens} tokens, leaving no room for a completion.",
+            param="messages" if max_tokens_param == "max_completion_tokens" else "prompt",
+            code="context_length_exceeded",
+        )
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+            f"prompt, {max_tokens} for the completion). Please reduce the prompt or "
+            f"{max_tokens_param}.",
+            param=max_tokens_param,
+            code="context_length_exceeded",
+        )

@@ -1,0 +1,138 @@
+"""Server-Sent Events plumbing shared by the endpoints: the engine's deltas with keep-alive
+ticks, batching by stream_interval, and a response that aborts on client disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from rillm.engine.async_engine import AsyncEngine
+from rillm.outputs import CompletionOutput, Logprob, RequestOutput
+from rillm.sampling_params import SamplingParams
+
+KEEPALIVE = ": keep-alive\n\n"
+DONE = "data: [DONE]\n\n"
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """A text/event-stream response that stops (and so aborts the request) as soon as the
+    client goes away, even while nothing is being written."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream() -> None:
+                await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+
+
+async def engine_events(
+    engine: AsyncEngine,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    request_id: str,
+    keepalive_s: float,
+) -> AsyncIterator[RequestOutput | None]:
+    """The request's deltas; None whenever `keepalive_s` pass without one. Validation errors
+    surface on the first iteration. Leaving early aborts the request."""
+    stream = engine.generate(prompt_ids, params, request_id)
+    pending: asyncio.Future[RequestOutput] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(stream.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=keepalive_s)
+            if not done:
+                yield None
+                continue
+            try:
+                output = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                if pending.done():
+                    pending = None
+            yield output
+            if output.finished:
+                return
+    finally:
+        # No awaiting here: this may run inside a cancelled scope (client disconnect).
+        if pending is not None:
+            pending.cancel()
+        engine.abort(request_id)
+
+
+@dataclass(slots=True)
+class ChoiceBuffer:
+    """What one choice produced since its last event (stream_interval batching)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_sent_events: int = 0
+    num_tokens: int = 0
+
+    def add(self, delta: CompletionOutput) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs or ()
+        self.num_tokens += len(delta.token_ids)
+        self.finish_reason = delta.finish_reason
+        self.stop_reason = delta.stop_reason
+
+    def ready(self, interval: int) -> bool:
+        """Send now? The first tokens never wait, the last never linger."""
+        return (
+            self.finish_reason is not None
+            or self.num_sent_events == 0
+            or len(self.token_ids) >= interval
+        )
+
+    def take(self) -> tuple[str, list[int], list[Logprob]]:
+        taken = (self.text, self.token_ids, self.logprobs)
+        self.text, self.token_ids, self.logprobs = "", [], []
+        self.num_sent_events += 1
+        return taken
+
+
+def logprob_entries(tokenizer: Any, logprobs: Sequence[Logprob]) -> list[dict[str, Any]]:
+    """Chat-style logprobs content: each token with its text, bytes and top alternatives."""
+    entries = []
+    for lp in logprobs:
+        entries.append({
+            **_token_entry(tokenizer, lp.token_id, lp.logprob),
+            "top_logprobs": [_token_entry(tokenizer, t, v) for t, v in lp.top],
+        })
+    return entries
+
+
+def _token_entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
+    text = token_text(tokenizer, token_id)
+    return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    return str(tokenizer.decode([token_id], skip_special_tokens=False))

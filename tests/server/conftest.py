@@ -1,0 +1,108 @@
+"""Real `rillm serve` processes on free loopback ports, shared per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+
+@dataclass(frozen=True)
+class Server:
+    base_url: str
+    """http://127.0.0.1:PORT"""
+    process: subprocess.Popen
+    api_key: str | None = None
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str, api_key: str | None = None, timeout: float = 180.0
+                 ) -> Iterator[Server]:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RILLM_API_KEY", None)
+    log = open(f"/tmp/rillm-test-server-{port}.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rillm.cli", "serve", "--port", str(port), *args],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    server = Server(f"http://127.0.0.1:{port}", process, api_key)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"rillm serve exited with {process.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rillm serve not ready after {timeout} s; see {log.name}")
+            time.sleep(0.25)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    """The default model, default settings (but a short keep-alive)."""
+    yield from start_server("--keepalive-interval", "1")
+
+
+@pytest.fixture(scope="session")
+def guarded_server() -> Iterator[Server]:
+    """API key, one sequence at a time with one waiting, a custom name, CORS, quick keep-alive."""
+    yield from start_server(
+        "--api-key", "sesame", "--max-num-seqs", "1", "--max-queued-requests", "1",
+        "--served-model-name", "house-model", "smol", "--allowed-origins", "http://example.com",
+        "--keepalive-interval", "0.3", api_key="sesame",
+    )
+
+
+def wait_until_idle(server: Server, timeout: float = 10.0) -> dict[str, float]:
+    """Poll /metrics until no request runs or waits and no KV block is in use."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = read_metrics(server)
+        idle = (metrics["rillm:num_requests_running"] == 0
+                and metrics["rillm:num_requests_waiting"] == 0
+                and metrics["rillm:kv_cache_blocks_in_use"] == 0)
+        if idle or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.1)
+
+
+def read_metrics(server: Server) -> dict[str, float]:
+    text = httpx.get(f"{server.base_url}/metrics", headers=server.headers(), timeout=5).text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name.split("{")[0]] = float(value)
+    return values

@@ -1,0 +1,152 @@
+"""Bad input gets OpenAI's error shape and a 4xx, before any byte of a stream."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.server.conftest import wait_until_idle
+
+OK_MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def post(server, path, body=None, content=None, headers=None):
+    return httpx.post(f"{server.v1}{path}", json=body, content=content,
+                      headers={**server.headers(), **(headers or {})}, timeout=60)
+
+
+def assert_error(response, status, param=None, code=None):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": OK_MESSAGES, "temperature": -1}, "temperature"),
+    ({"messages": OK_MESSAGES, "top_p": 2}, "top_p"),
+    ({"messages": OK_MESSAGES, "n": 0}, "n"),
+    ({"messages": OK_MESSAGES, "max_tokens": 0}, "max_tokens"),
+    ({"messages": OK_MESSAGES, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ({"messages": OK_MESSAGES, "stop": [""]}, "stop"),
+    ({"messages": OK_MESSAGES, "temperature": "hot"}, "temperature"),
+    ({"messages": OK_MESSAGES, "stream": "yes"}, "stream"),
+    ({"messages": OK_MESSAGES, "frobnicate": 1}, "frobnicate"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": []}, "messages"),
+    ({}, "messages"),
+    ({"messages": OK_MESSAGES, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"messages": OK_MESSAGES, "stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_invalid_chat_requests_are_400_naming_the_param(server, body, param):
+    for stream in (False, True) if param != "stream_options" else (False,):
+        response = post(server, "/chat/completions",
+                        {**body, "stream": body.get("stream", stream)})
+        assert_error(response, 400, param=param)
+
+
+def test_invalid_json_is_400(server):
+    response = post(server, "/chat/completions", content=b'{"messages": [',
+                    headers={"content-type": "application/json"})
+    assert_error(response, 400, code="invalid_json")
+
+
+def test_context_length_exceeded(server):
+    long_text = "word " * 9000
+    for body in ({"messages": [{"role": "user", "content": long_text}]},
+                 {"messages": OK_MESSAGES, "max_tokens": 9000, "stream": True}):
+        assert_error(post(server, "/chat/completions", body), 400,
+                     code="context_length_exceeded")
+    assert_error(post(server, "/completions", {"prompt": "hi", "max_tokens": 100_000}), 400,
+                 code="context_length_exceeded", param="max_tokens")
+
+
+def test_unknown_model_is_404(server):
+    error = assert_error(post(server, "/chat/completions",
+                              {"model": "gpt-17", "messages": OK_MESSAGES}), 404,
+                         param="model", code="model_not_found")
+    assert "gpt-17" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        OpenAI(api_key="x", base_url=server.v1).completions.create(model="nope", prompt="hi")
+
+
+def test_unknown_route_and_method_keep_the_shape(server):
+    assert_error(httpx.get(f"{server.v1}/nowhere", timeout=10), 404)
+    assert_error(httpx.get(f"{server.v1}/chat/completions", timeout=10), 405)
+
+
+def test_sdk_raises_bad_request_with_the_message(server):
+    client = OpenAI(api_key="EMPTY", base_url=server.v1)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=OK_MESSAGES,
+                                       temperature=-3, stream=True)
+    assert "temperature" in str(err.value)
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+    ("GET", "/v1/models/house-model"),
+])
+def test_api_key_is_required_on_every_v1_route(guarded_server, method, path):
+    url = guarded_server.base_url + path
+    body = {"model": "house-model", "messages": OK_MESSAGES, "prompt": "hi", "max_tokens": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+        response = httpx.request(method, url, json=body if method == "POST" else None,
+                                 headers=headers, timeout=30)
+        assert_error(response, 401, code="invalid_api_key")
+    assert httpx.get(f"{guarded_server.base_url}/health", timeout=10).status_code == 200
+
+
+def test_sdk_with_the_key_and_a_served_name(guarded_server):
+    client = OpenAI(api_key="sesame", base_url=guarded_server.v1)
+    assert [m.id for m in client.models.list().data] == ["house-model", "smol"]
+    reply = client.chat.completions.create(model="smol", messages=OK_MESSAGES, max_tokens=2)
+    assert reply.model == "smol"
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(api_key="wrong", base_url=guarded_server.v1).models.list()
+
+
+def test_full_queue_answers_429_with_retry_after(guarded_server):
+    body = {"model": "house-model", "prompt": "Count:", "max_tokens": 80, "ignore_eos": True}
+    statuses: list[int] = []
+
+    def send():
+        statuses.append(post(guarded_server, "/completions", body).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(2)]  # one runs, one waits
+    for t in threads:
+        t.start()
+    try:
+        deadline = 50
+        while deadline and httpx.get(f"{guarded_server.base_url}/metrics", timeout=5).text.find(
+                "rillm:num_http_requests_active 2.0") < 0:
+            deadline -= 1
+            threading.Event().wait(0.1)
+        response = post(guarded_server, "/completions", body)
+        error = assert_error(response, 429)
+        assert response.headers["retry-after"]
+        assert "busy" in error["message"]
+    finally:
+        for t in threads:
+            t.join()
+    assert statuses == [200, 200]
+    wait_until_idle(guarded_server)
+
+
+def test_cors_allows_only_the_configured_origin(guarded_server):
+    ok = httpx.options(f"{guarded_server.v1}/chat/completions", timeout=10, headers={
+        "Origin": "http://example.com", "Access-Control-Request-Method": "POST"})
+    assert ok.headers.get("access-control-allow-origin") == "http://example.com"
+    bad = httpx.options(f"{guarded_server.v1}/chat/completions", timeout=10, headers={
+        "Origin": "http://evil.test", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in bad.headers
