@@ -1,10 +1,10 @@
-# Two set-up commands keep working on a fresh machine: `make test` and (once the server lands) `make serve`.
+# Two set-up commands keep working on a fresh machine: `make serve` and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint bench generate clean
+.PHONY: install serve test test-all lint bench generate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/rillm serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,57 @@
+"""An error after the stream began reaches the client as an error event, then [DONE]; the
+server then reports itself unhealthy instead of hanging. In-process, on a real engine whose
+model step is made to fail mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+
+from rillm.engine.async_engine import AsyncEngine
+from rillm.server.app import ServerState, create_app
+from rillm.server.config import ServerConfig
+
+
+def test_engine_failure_mid_stream_ends_the_stream_with_an_error(make_engine):
+    engine = make_engine()
+    calls = {"n": 0}
+    execute = engine.runner.execute
+
+    def failing_execute(scheduled):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated device failure")
+        return execute(scheduled)
+
+    engine.runner.execute = failing_execute  # type: ignore[method-assign]
+    async_engine = AsyncEngine(engine)
+    config = ServerConfig(served_model_names=("m",))
+    state = ServerState(config, engine=async_engine)
+    app = create_app(config, lambda: async_engine, state)
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Hi"}], "stream": True,
+                "max_tokens": 20, "ignore_eos": True})
+            health = await client.get("/health")
+            after = await client.post("/v1/completions", json={"prompt": "Hi"})
+            return response, health, after
+
+    try:
+        response, health, after = asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+    assert response.status_code == 200
+    events = [b[len("data: "):] for b in response.text.split("\n\n") if b.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "simulated device failure" in error["message"]
+    first = json.loads(events[0])
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert health.status_code == 503
+    assert after.status_code == 503 and "error" in after.json()
