@@ -20,6 +20,8 @@ class Server:
     """http://127.0.0.1:PORT"""
     process: subprocess.Popen
     api_key: str | None = None
+    seen_while_loading: tuple = ()
+    """(health status, chat status, chat Retry-After) observed before the model was ready."""
 
     @property
     def v1(self) -> str:
@@ -45,21 +47,28 @@ def start_server(*args: str, api_key: str | None = None, timeout: float = 180.0
         [sys.executable, "-m", "rillm.cli", "serve", "--port", str(port), *args],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
-    server = Server(f"http://127.0.0.1:{port}", process, api_key)
+    base_url = f"http://127.0.0.1:{port}"
+    seen: tuple = ()
     deadline = time.monotonic() + timeout
     try:
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"rillm serve exited with {process.returncode}; see {log.name}")
             try:
-                if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                status = httpx.get(f"{base_url}/health", timeout=2).status_code
+                if status == 200:
                     break
+                if not seen:
+                    chat = httpx.post(f"{base_url}/v1/chat/completions", timeout=5, json={
+                        "messages": [{"role": "user", "content": "hi"}]},
+                        headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+                    seen = (status, chat.status_code, chat.headers.get("retry-after"))
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"rillm serve not ready after {timeout} s; see {log.name}")
             time.sleep(0.25)
-        yield server
+        yield Server(base_url, process, api_key, seen)
     finally:
         process.terminate()
         try:

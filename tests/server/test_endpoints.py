@@ -27,3 +27,9 @@ def test_tokenize_and_detokenize_round_trip(server):
     assert chat["count"] > 5
     bad = httpx.post(f"{server.base_url}/detokenize", json={"tokens": [10**9]}, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_health_is_503_and_requests_retry_later_while_the_model_loads(server):
+    health, chat, retry_after = server.seen_while_loading
+    assert health == 503
+    assert chat == 503 and retry_after is not None
