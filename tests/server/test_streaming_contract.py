@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
 
-from tests.server.conftest import Server, wait_until_idle
+from tests.server.conftest import Server, read_metrics, wait_until_idle
 
 
 def stream_events(server: Server, path: str, body: dict) -> tuple[httpx.Response, list[str]]:
@@ -105,6 +106,10 @@ def test_keep_alive_comments_while_waiting_in_the_queue(guarded_server):
         timeout=120))
     blocker.start()
     try:
+        deadline = time.monotonic() + 30
+        while read_metrics(guarded_server).get("rillm:num_requests_running") != 1:
+            assert time.monotonic() < deadline, "the blocking request never started"
+            time.sleep(0.05)
         _, blocks = stream_events(guarded_server, "/chat/completions", {
             "model": "house-model", "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 3, "stream": True})
