@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 MAX_LOGPROBS = 20
 """The most top logprobs one request may ask for (OpenAI's limit)."""
 
+MAX_N = 128
+"""The most choices one request may ask for (OpenAI's limit)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -51,7 +54,11 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        _check(isinstance(self.n, int) and self.n >= 1, "n", f"must be at least 1, got {self.n}")
+        _check(
+            isinstance(self.n, int) and 1 <= self.n <= MAX_N,
+            "n",
+            f"must be between 1 and {MAX_N}, got {self.n}",
+        )
         _check(
             self.temperature >= 0.0, "temperature", f"must be non-negative, got {self.temperature}"
         )
@@ -112,7 +119,9 @@ class SamplingParams:
                     f"bias for token {token_id} must be in [-100, 100], got {bias}",
                 )
         _check(
-            self.seed is None or isinstance(self.seed, int), "seed", "must be an integer"
+            self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63),
+            "seed",
+            "must be a 64-bit integer",
         )
 
     @property

@@ -12,6 +12,7 @@ from rillm.sampling_params import MAX_LOGPROBS, InvalidParameterError, SamplingP
         ({"top_k": -2}, "top_k"),
         ({"min_p": 1.5}, "min_p"),
         ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),

@@ -69,7 +69,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def validation_api_error(errors: Any) -> APIError:
     """The first pydantic error as a 400 whose `param` is the field's dotted path."""
-    first = list(errors)[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    errors = list(errors)
+    # Of a union's alternatives, the deepest error says most (e.g. content.0.type, not "not a
+    # string").
+    first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {
+        "loc": (), "msg": "invalid request", "type": ""}
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     # Drop pydantic's union-member tags ("str", "list[...]") from the path.
     loc = [part for part in loc if not _is_type_tag(part)]
@@ -77,6 +81,8 @@ def validation_api_error(errors: Any) -> APIError:
     kind = first.get("type", "")
     if kind == "json_invalid":
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    if param is None:
+        return APIError(400, "the request body must be a JSON object", code="invalid_value")
     if kind == "extra_forbidden":
         return APIError(400, f"unrecognized request argument: {param}", param=param,
                         code="unknown_parameter")

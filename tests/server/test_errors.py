@@ -36,6 +36,11 @@ def assert_error(response, status, param=None, code=None):
     ({"messages": OK_MESSAGES, "temperature": -1}, "temperature"),
     ({"messages": OK_MESSAGES, "top_p": 2}, "top_p"),
     ({"messages": OK_MESSAGES, "n": 0}, "n"),
+    ({"messages": OK_MESSAGES, "n": 100_000}, "n"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content.0.type"),
+    ({"messages": OK_MESSAGES, "seed": 10**30}, "seed"),
+    ({"messages": OK_MESSAGES, "top_k": -5}, "top_k"),
     ({"messages": OK_MESSAGES, "max_tokens": 0}, "max_tokens"),
     ({"messages": OK_MESSAGES, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ({"messages": OK_MESSAGES, "stop": [""]}, "stop"),
@@ -53,6 +58,13 @@ def test_invalid_chat_requests_are_400_naming_the_param(server, body, param):
         response = post(server, "/chat/completions",
                         {**body, "stream": body.get("stream", stream)})
         assert_error(response, 400, param=param)
+
+
+def test_a_body_that_is_not_an_object_is_400(server):
+    for content in (b"[1, 2]", b'"hi"', b"null"):
+        response = post(server, "/chat/completions", content=content,
+                        headers={"content-type": "application/json"})
+        assert "JSON object" in assert_error(response, 400)["message"]
 
 
 def test_invalid_json_is_400(server):

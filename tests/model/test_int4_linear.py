@@ -1,0 +1,68 @@
+"""The int4 path against the dequantized float32 weights, on the default model's real blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rillm.model.int4_linear import Int4Linear
+from rillm.model.llama import build_model
+
+NAMES = [
+    "model.layers.0.self_attn.q_proj.weight",  # Q4_1, rows un-permuted by the loader
+    "model.layers.7.mlp.down_proj.weight",  # Q4_1, K = 1536
+    "model.embed_tokens.weight",  # Q8_0 (the tied lm_head)
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("rows", [1, 5, 40])  # int4 kernel, int4 kernel, dense bf16 copy
+def test_int4_linear_equals_dequantized_linear(default_loaded, name, rows):
+    blocks = default_loaded.quantized[name]
+    dense = default_loaded.weights[name]
+    linear = Int4Linear([blocks], dense)
+    x = torch.randn(rows, dense.shape[1], generator=torch.Generator().manual_seed(0))
+    expected = x @ dense.T
+    got = linear(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    # bfloat16 activations, scales and output: ~0.4% of the output's scale.
+    rel = (got - expected).norm() / expected.norm()
+    assert rel < 6e-3, rel
+
+
+def test_int4_weights_reproduce_the_blocks_exactly(default_loaded):
+    """Through an identity input the kernel returns W itself: equal to the dequantized weights
+    up to the bfloat16 rounding of the block scales and of the output."""
+    name = "model.layers.3.self_attn.k_proj.weight"
+    dense = default_loaded.weights[name]
+    linear = Int4Linear([default_loaded.quantized[name]], dense, max_int4_rows=1 << 20)
+    recovered = linear(torch.eye(dense.shape[1])).T
+    err = (recovered - dense).abs() / dense.abs().amax(dim=1, keepdim=True)
+    assert err.max() < 1e-2
+
+
+def test_packed_int4_equals_separate(default_loaded):
+    parts = [f"model.layers.2.self_attn.{p}_proj.weight" for p in "qkv"]
+    blocks = [default_loaded.quantized[n] for n in parts]
+    dense = [default_loaded.weights[n] for n in parts]
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(1))
+    fused = Int4Linear(blocks, torch.cat(dense))(x)
+    separate = torch.cat([Int4Linear([b], d)(x) for b, d in zip(blocks, dense, strict=True)], -1)
+    assert torch.equal(fused, separate)
+
+
+def test_quantized_model_swaps_every_matrix_and_keeps_the_rest(default_loaded):
+    config = default_loaded.config
+    model = build_model(config, default_loaded.weights, torch.bfloat16, torch.device("cpu"),
+                        quantized=default_loaded.quantized)
+    int4 = [n for n, m in model.named_modules() if isinstance(m, Int4Linear)]
+    assert len(int4) == 4 * config.num_hidden_layers + 1 and "lm_head" in int4
+    dense_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert dense_linears == []
+    embed = model.model.embed_tokens.weight
+    assert embed.dtype == torch.bfloat16
+    np.testing.assert_array_equal(
+        embed[:4].detach().float().numpy(),
+        default_loaded.weights["model.embed_tokens.weight"][:4].bfloat16().float().numpy(),
+    )
