@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--uvicorn-log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.set_defaults(handler=run_serve)
+
+    chat = commands.add_parser(
+        "chat", help="chat with a served model in the terminal",
+        description="Chat with any OpenAI-compatible server. Interactive on a terminal; with "
+        "-p PROMPT or piped input, print the answer and exit.",
+    )
+    chat.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL",
+                                                           "http://127.0.0.1:8000/v1"))
+    chat.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
+    chat.add_argument("--model", default=None, help="default: the first of /v1/models")
+    chat.add_argument("-p", "--prompt", default=None, help="ask this, print the answer, exit")
+    chat.add_argument("--system", default=None, help="a system message")
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.set_defaults(handler=run_chat)
     return parser
 
 
@@ -147,6 +162,23 @@ def run_generate(args: argparse.Namespace) -> int:
         engine.abort_request("cli")
     sys.stdout.write("\n")
     return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from rillm.client.chat import ChatError, ChatOptions, interactive, one_shot
+
+    options = ChatOptions(base_url=args.base_url, api_key=args.api_key, model=args.model,
+                          system=args.system, temperature=args.temperature,
+                          max_tokens=args.max_tokens)
+    try:
+        if args.prompt is not None:
+            return one_shot(options, args.prompt, sys.stdout)
+        if not sys.stdin.isatty():
+            return one_shot(options, sys.stdin.read(), sys.stdout)
+        return interactive(options)
+    except ChatError as exc:
+        print(f"rillm chat: {exc}", file=sys.stderr)
+        return 1
 
 
 def run_serve(args: argparse.Namespace) -> int:

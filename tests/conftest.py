@@ -6,9 +6,12 @@ installs) is loaded once per session; engines built from it copy its weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from rillm.loader import LoadedModel, load_model
+from tests.live_server import Server, start_server
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +60,19 @@ def default_engine(make_engine):
     engine = make_engine()
     yield engine
     assert not engine.has_unfinished_requests()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    """The default model, default settings (but a short keep-alive)."""
+    yield from start_server("--keepalive-interval", "1")
+
+
+@pytest.fixture(scope="session")
+def guarded_server() -> Iterator[Server]:
+    """API key, one sequence at a time with one waiting, a custom name, CORS, quick keep-alive."""
+    yield from start_server(
+        "--api-key", "sesame", "--max-num-seqs", "1", "--max-queued-requests", "1",
+        "--served-model-name", "house-model", "smol", "--allowed-origins", "http://example.com",
+        "--keepalive-interval", "0.3", api_key="sesame",
+    )

@@ -9,7 +9,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.server.conftest import wait_until_idle
+from tests.live_server import wait_until_idle
 
 OK_MESSAGES = [{"role": "user", "content": "Hi"}]
 

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import Server, read_metrics, wait_until_idle
+from tests.live_server import Server, read_metrics, wait_until_idle
 
 
 def stream_events(server: Server, path: str, body: dict) -> tuple[httpx.Response, list[str]]:

@@ -1,4 +1,4 @@
-"""Real `rillm serve` processes on free loopback ports, shared per test session."""
+"""Real `rillm serve` processes on free loopback ports (fixtures in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
-import pytest
 
 
 @dataclass(frozen=True)
@@ -76,22 +75,6 @@ def start_server(*args: str, api_key: str | None = None, timeout: float = 180.0
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
-
-
-@pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
-    """The default model, default settings (but a short keep-alive)."""
-    yield from start_server("--keepalive-interval", "1")
-
-
-@pytest.fixture(scope="session")
-def guarded_server() -> Iterator[Server]:
-    """API key, one sequence at a time with one waiting, a custom name, CORS, quick keep-alive."""
-    yield from start_server(
-        "--api-key", "sesame", "--max-num-seqs", "1", "--max-queued-requests", "1",
-        "--served-model-name", "house-model", "smol", "--allowed-origins", "http://example.com",
-        "--keepalive-interval", "0.3", api_key="sesame",
-    )
 
 
 def wait_until_idle(server: Server, timeout: float = 10.0) -> dict[str, float]:
