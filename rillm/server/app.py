@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -93,6 +94,13 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
                            code="invalid_api_key")
 
     secured = [Depends(require_key)]
+
+    page = (Path(__file__).parent / "static" / "index.html").read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Response:
+        # The page itself is public; the API key guards the /v1 calls it makes.
+        return Response(page, media_type="text/html; charset=utf-8")
 
     @app.get("/health")
     async def health() -> Response:
