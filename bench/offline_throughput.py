@@ -2,17 +2,23 @@
 
     python bench/offline_throughput.py                      # 1, 8 and 32 concurrent, 128/128
     python bench/offline_throughput.py --concurrency 1 32 --dtype bfloat16 --json out.json
+    python -m bench.offline_throughput --engines float32 int4-bf16 int4-bf16@2 --repeats 3
 
 Each level submits C requests at once (random prompt tokens, ignore_eos so every request
 generates exactly O tokens) and steps the engine until all finish. Reported: output tokens/s,
 total (prompt + output) tokens/s, time to first token and time per output token (means over
 requests). One warm-up request runs first so one-time costs are not counted.
+
+With --engines (specs in bench/engines.py) the configurations run interleaved in one process:
+each repeat runs every level on every engine in turn, and the table shows medians over the
+repeats, so load from other processes on a shared machine falls on all of them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -21,6 +27,7 @@ import torch
 
 from rillm.config import EngineConfig
 from rillm.engine.llm_engine import LLMEngine
+from rillm.loader import load_model
 from rillm.sampling_params import SamplingParams
 
 
@@ -58,6 +65,46 @@ def run_level(engine: LLMEngine, concurrency: int, input_len: int, output_len: i
     }
 
 
+def compare(args: argparse.Namespace) -> None:
+    from bench.engines import make_engine
+
+    loaded = load_model(args.model)
+    engines = [make_engine(spec, loaded, max_num_batched_tokens=args.max_num_batched_tokens)
+               for spec in args.engines]
+    for e in engines:
+        e.activate()
+        run_level(e.engine, 1, args.input_len, 8, seed=-1 & 0xFFFF)  # warm-up
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    for repeat in range(args.repeats):
+        for c in args.concurrency:
+            for e in engines:
+                e.activate()
+                r = run_level(e.engine, c, args.input_len, args.output_len, args.seed + repeat)
+                runs.setdefault((e.spec, c), []).append(r)
+                print(f"  repeat {repeat} {e.spec:>12} c={c:<3} {r['output_tok_s']:8.1f} tok/s "
+                      f"TPOT {r['mean_tpot_ms']:6.1f} ms", flush=True)
+    print(f"load average after: {os.getloadavg()}")
+    print(f"medians over {args.repeats} interleaved repeats, "
+          f"cpu={platform.processor() or platform.machine()}")
+    print(f"{'engine':>12} {'conc':>5} {'out tok/s':>10} {'total tok/s':>12} {'TTFT ms':>9} "
+          f"{'TPOT ms':>9} {'vs ' + args.engines[0]:>12}")
+    results = []
+    for c in args.concurrency:
+        base = statistics.median(r["output_tok_s"] for r in runs[(args.engines[0], c)])
+        for e in engines:
+            rs = runs[(e.spec, c)]
+            med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            med["engine"] = e.spec  # type: ignore[assignment]
+            results.append(med)
+            print(f"{e.spec:>12} {c:>5} {med['output_tok_s']:>10.1f} {med['total_tok_s']:>12.1f} "
+                  f"{med['mean_ttft_ms']:>9.0f} {med['mean_tpot_ms']:>9.1f} "
+                  f"{med['output_tok_s'] / base:>11.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +116,13 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--engines", nargs="+", default=None,
+                        help="compare these configurations interleaved (see bench/engines.py)")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.engines:
+        compare(args)
+        return
 
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype,
                                     max_num_batched_tokens=args.max_num_batched_tokens))

@@ -103,6 +103,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="memory for the KV cache in GiB")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=True)
+    parser.add_argument("--quantization", default="none", choices=["none", "int4", "auto"],
+                        help="int4: run a GGUF's Q4_1/Q8_0 weights as they are (CPU, faster)")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch threads for the model (default: all cores)")
 
 
 def engine_config(args: argparse.Namespace):  # noqa: ANN201 - EngineConfig, imported lazily
@@ -118,6 +122,8 @@ def engine_config(args: argparse.Namespace):  # noqa: ANN201 - EngineConfig, imp
         block_size=args.block_size,
         kv_cache_space_gib=args.kv_cache_space,
         enable_prefix_caching=args.enable_prefix_caching,
+        quantization=args.quantization,
+        num_threads=args.num_threads,
     )
 
 

@@ -32,6 +32,13 @@ class EngineConfig:
     """Seeds the per-request seeds of requests that bring none."""
     num_threads: int | None = None
     """Torch intra-op threads; None keeps torch's default (all cores)."""
+    quantization: str = "none"
+    """What to do with a GGUF file's Q4_1 / Q8_0 matrices: "int4" keeps them quantized and
+    multiplies with the CPU int4 kernel (activations in bfloat16 unless `dtype` names another),
+    "none" dequantizes them to `dtype`; "auto" is "int4" when dtype is auto and the device the
+    CPU, else "none". Perplexity matches the dequantized float32 model (BENCHMARKS.md). Opt-in
+    for now: above 12 rows int4 hands over to a dense bfloat16 copy, so a request's greedy tokens
+    can differ alone and in a batch."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -44,6 +51,10 @@ class EngineConfig:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         _ = self.torch_dtype  # raises for an unknown dtype
+        if self.quantization not in ("auto", "none", "int4"):
+            raise ValueError(f"quantization must be auto, none or int4; got {self.quantization!r}")
+        if self.quantization == "int4" and self.device != "cpu":
+            raise ValueError("quantization int4 runs on the CPU only")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -53,3 +64,17 @@ class EngineConfig:
         if name not in DTYPES:
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         return DTYPES[name]
+
+    @property
+    def keep_gguf_quantization(self) -> bool:
+        """Whether the model keeps a GGUF file's quantized matrices (see `quantization`)."""
+        if self.quantization == "auto":
+            return self.dtype == "auto" and self.device == "cpu"
+        return self.quantization == "int4"
+
+    def model_dtype(self, quantized: bool) -> torch.dtype:
+        """The activations' dtype for a model that does (or does not) keep int4 weights: the
+        int4 kernel takes bfloat16, so an int4 model under dtype auto runs in bfloat16."""
+        if quantized and DTYPE_ALIASES.get(self.dtype, self.dtype) == "auto":
+            return torch.bfloat16
+        return self.torch_dtype

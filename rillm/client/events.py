@@ -8,7 +8,7 @@ event; this module turns its chunks into events a program can `match` on.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,7 +116,7 @@ def _request(kwargs: dict[str, Any]) -> dict[str, Any]:
     return request
 
 
-def stream_chat(client: Any, **kwargs: Any) -> Iterator[ChatEvent]:
+def stream_chat(client: Any, **kwargs: Any) -> Generator[ChatEvent, None, None]:
     """Stream `client.chat.completions.create(**kwargs)` as events. Closing the iterator
     (or Ctrl-C while iterating) closes the connection, so the server aborts the request."""
     start = time.perf_counter()

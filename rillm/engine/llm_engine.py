@@ -58,9 +58,10 @@ class LLMEngine:
         self.model_config: ModelArchConfig = loaded.config
         self.tokenizer = loaded.tokenizer
         self.chat_template = loaded.chat_template
-        self.dtype = config.torch_dtype
         device = torch.device(config.device)
-        model = build_model(loaded.config, loaded.weights, self.dtype, device)
+        quantized = loaded.quantized if config.keep_gguf_quantization else {}
+        self.dtype = config.model_dtype(bool(quantized))
+        model = build_model(loaded.config, loaded.weights, self.dtype, device, quantized=quantized)
 
         num_blocks = config.num_kv_blocks or self._blocks_for_space(config)
         capacity = num_blocks * config.block_size

@@ -16,6 +16,7 @@ from rillm.loader.loaded_model import LoadedModel
 from rillm.loader.tokenizer import chat_template_of, load_gguf_tokenizer
 from rillm.loader.weight_layout import check_weights
 from rillm.model.config import ModelArchConfig
+from rillm.model.int4_linear import SUPPORTED_TYPES, GGUFBlocks
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 """`general.architecture` values we load. Mistral models are written as "llama" by llama.cpp."""
@@ -65,7 +66,8 @@ def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
     check_weights(weights, config, path)
     tokenizer = load_gguf_tokenizer(path)
     chat_template = chat_template_of(tokenizer) or meta.get("tokenizer.chat_template")
-    return LoadedModel(config, weights, tokenizer, chat_template, path)
+    quantized = _read_blocks(config, tensors)
+    return LoadedModel(config, weights, tokenizer, chat_template, path, quantized)
 
 
 def _open(path: str) -> gguf.GGUFReader:
@@ -147,6 +149,23 @@ def _read_weights(
             values = _unpermute_rotary(name, values, config)
         weights[name] = torch.from_numpy(values)
     return weights
+
+
+def _read_blocks(
+    config: ModelArchConfig, tensors: dict[str, gguf.ReaderTensor]
+) -> dict[str, GGUFBlocks]:
+    """The matrices stored in a block format with an int4 form, undequantized."""
+    blocks: dict[str, GGUFBlocks] = {}
+    for gguf_name, tensor in tensors.items():
+        name = _hf_name(gguf_name)
+        if name is None or tensor.tensor_type.name not in SUPPORTED_TYPES:
+            continue
+        rows, cols = (int(d) for d in reversed(tensor.shape))
+        data = np.asarray(tensor.data).reshape(rows, -1)
+        if config.architecture == "llama":
+            data = _unpermute_rotary(name, data, config)
+        blocks[name] = GGUFBlocks(tensor.tensor_type.name, data, (rows, cols))
+    return blocks
 
 
 def _hf_name(gguf_name: str) -> str | None:

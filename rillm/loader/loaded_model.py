@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from rillm.model.config import ModelArchConfig
+from rillm.model.int4_linear import GGUFBlocks
 
 
 @dataclass(frozen=True)
@@ -32,3 +33,6 @@ class LoadedModel:
     """The Jinja chat template shipped with the checkpoint, None when it has none."""
     path: str
     """The file or directory the model was loaded from."""
+    quantized: dict[str, GGUFBlocks] = field(default_factory=dict)
+    """A GGUF file's matrices whose block format has an int4 form (Q4_1, Q8_0), as stored, by
+    Hugging Face name (rows in Hugging Face order). `weights` holds them dequantized too."""

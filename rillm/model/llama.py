@@ -1,6 +1,8 @@
 """The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) as one PyTorch module tree.
 
-Parameter names are Hugging Face's, so a checkpoint loads with `load_state_dict`. The forward
+Checkpoints use Hugging Face's parameter names. Projections that read the same input are held
+fused (`PACKED_MODULES`: Q, K and V as `qkv_proj`; gate and up as `gate_up_proj`), one matmul
+instead of several; `build_model` concatenates the checkpoint's tensors into them. The forward
 takes one flat batch of tokens from many sequences ([T] ids and positions) and the paged KV
 cache; there is no batch dimension and no padding.
 """
@@ -8,13 +10,21 @@ cache; there is no batch dimension and no padding.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rillm.model.config import ModelArchConfig
+from rillm.model.int4_linear import GGUFBlocks, Int4Linear
 from rillm.worker.attention import AttentionMetadata, KVCache, paged_attention
+
+PACKED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+"""Fused module -> the checkpoint's modules whose output rows it holds, in order."""
 
 
 class RMSNorm(nn.Module):
@@ -91,11 +101,9 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         hidden, q_size = config.hidden_size, self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(hidden, q_size, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_size, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_size, bias=bias)
-        self.o_proj = nn.Linear(q_size, hidden, bias=False)
+        self.sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj: nn.Module = nn.Linear(hidden, sum(self.sizes), bias=config.attention_bias)
+        self.o_proj: nn.Module = nn.Linear(q_size, hidden, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.scale = self.head_dim**-0.5
@@ -108,9 +116,10 @@ class LlamaAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -122,12 +131,13 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelArchConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_up_proj: nn.Module = nn.Linear(hidden, 2 * inner, bias=False)
+        self.down_proj: nn.Module = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -178,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head: nn.Module = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -200,22 +210,37 @@ def build_model(
     weights: dict[str, torch.Tensor],
     dtype: torch.dtype,
     device: torch.device,
+    quantized: Mapping[str, GGUFBlocks] | None = None,
 ) -> LlamaForCausalLM:
-    """Build on the meta device and take the checkpoint's tensors as the parameters."""
+    """Build on the meta device and take the checkpoint's tensors as the parameters.
+
+    `dtype` is the activations' and the dense weights' dtype. With `quantized` (a GGUF file's
+    blocks by Hugging Face name), every Linear whose weights are all there keeps them quantized
+    and multiplies with the int4 kernel (CPU only; see int4_linear.py); `weights` must still
+    hold every tensor (the embedding lookup reads the dense copy).
+    """
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    state = _pack(weights)
+    swapped = _quantize_linears(model, config, state, quantized, dtype) if quantized else []
+    for name in swapped:
+        state.pop(f"{name}.weight", None)
+        state.pop(f"{name}.bias", None)
     # A fresh copy of each tensor: loaders may hand out views of file buffers that are
     # misaligned for the matmul kernels (seen: 100x slower linear layers for batch > 1).
     state = {
         name: tensor.to(device=device, dtype=dtype, copy=True).contiguous()
-        for name, tensor in weights.items()
+        for name, tensor in state.items()
     }
+    tied_dense = config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if tied_dense:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if config.tie_word_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]
+    missing = [m for m in missing if m.rpartition(".")[0] not in swapped]
     if missing or unexpected:
         raise ValueError(
             f"checkpoint does not match the {config.architecture} architecture: "
@@ -223,3 +248,48 @@ def build_model(
         )
     model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)
     return model.eval()
+
+
+def _pack(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors with each PACKED_MODULES group concatenated along the rows."""
+    state = dict(weights)
+    for fused, parts in PACKED_MODULES.items():
+        first = f".{parts[0]}."
+        for name in [n for n in weights if first in n]:
+            names = [name.replace(first, f".{p}.") for p in parts]
+            state[name.replace(first, f".{fused}.")] = torch.cat([state.pop(n) for n in names])
+    return state
+
+
+def _quantize_linears(
+    model: LlamaForCausalLM,
+    config: ModelArchConfig,
+    state: dict[str, torch.Tensor],
+    quantized: Mapping[str, GGUFBlocks],
+    dtype: torch.dtype,
+) -> list[str]:
+    """Swap in Int4Linear for every Linear whose checkpoint matrices are all quantized.
+    `state`: the packed checkpoint. Returns the (fused) module names swapped."""
+    lm_head_source = "model.embed_tokens" if config.tie_word_embeddings else "lm_head"
+    sources: dict[str, list[str]] = {"lm_head": [lm_head_source]}
+    for i in range(config.num_hidden_layers):
+        for fused, parts in PACKED_MODULES.items():
+            block = "self_attn" if fused == "qkv_proj" else "mlp"
+            sources[f"model.layers.{i}.{block}.{fused}"] = [
+                f"model.layers.{i}.{block}.{p}" for p in parts
+            ]
+        sources[f"model.layers.{i}.self_attn.o_proj"] = [f"model.layers.{i}.self_attn.o_proj"]
+        sources[f"model.layers.{i}.mlp.down_proj"] = [f"model.layers.{i}.mlp.down_proj"]
+    swapped = []
+    for name, sources_of in sources.items():
+        blocks = [quantized.get(f"{p}.weight") for p in sources_of]
+        if any(b is None for b in blocks):
+            continue
+        dense = state[f"{lm_head_source if name == 'lm_head' else name}.weight"]
+        bias = state.get(f"{name}.bias")
+        bias = None if bias is None else bias.to(dtype)
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        setattr(owner, attr, Int4Linear(blocks, dense, bias))  # type: ignore[arg-type]
+        swapped.append(name)
+    return swapped

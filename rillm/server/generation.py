@@ -31,7 +31,7 @@ class Generation:
         self.model = model
         self.created = int(time.time())
         self.prompts: list[list[int]] = (
-            [list(p) for p in prompt_ids]  # type: ignore[union-attr]
+            [list(p) for p in prompt_ids]  # type: ignore[union-attr, arg-type]
             if prompt_ids and not isinstance(prompt_ids[0], int)
             else [list(prompt_ids)]  # type: ignore[arg-type]
         )

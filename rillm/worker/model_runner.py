@@ -41,6 +41,7 @@ class ModelRunner:
         self.config = config
         self.block_size = block_size
         self.device = device
+        self.dtype = dtype
         self.eos_token_ids = config.eos_token_ids
         self.caches = [
             KVCache(num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype,
@@ -142,12 +143,21 @@ class ModelRunner:
         num_blocks = -(-int((starts + num_new).max()) // self.block_size)
         key_pos = torch.arange(num_blocks * self.block_size)
         mask = (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
+        tables = block_tables[rows, :num_blocks]
+        slots = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten()
+        mask_bias = None
+        if q_len == 1:
+            mask_bias = torch.zeros(mask.shape[0], key_pos.shape[0], dtype=self.dtype)
+            mask_bias.masked_fill_(~mask[:, 0, 0], float("-inf"))
+            mask_bias = mask_bias[None, :, None, :].to(self.device)
         device = self.device
         return AttentionGroup(
             token_index=token_index.to(device),
             valid=valid.to(device),
-            block_tables=block_tables[rows, :num_blocks].to(device),
+            block_tables=tables.to(device),
             mask=mask.to(device),
+            slots=slots.to(device),
+            mask_bias=mask_bias,
         )
 
 

@@ -28,7 +28,7 @@ def test_paged_attention_matches_dense(dtype, q_len):
     gen = torch.Generator().manual_seed(0)
     lengths = [9, 2 + q_len, 13]
     cache = KVCache(16, BLOCK, KV_HEADS, DIM, dtype, torch.device("cpu"))
-    tables = [[3, 7, 1], [5], [0, 9, 2, 11]]
+    tables = [[3, 7, 1], [5, 6], [0, 9, 2, 11]]
     max_blocks = max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])
     seq_kv, qs, index, slot_all = [], [], [], []

@@ -1,0 +1,60 @@
+"""Engines for the benchmarks, one per configuration spec, sharing one loaded model.
+
+A spec is `NAME[@THREADS]`: float32, bfloat16 (dense weights of that dtype) or int4 (a GGUF
+file's Q4_1 / Q8_0 matrices kept quantized, float32 activations), int4-bf16 (the same with
+bfloat16 activations); `@1` or `@2` sets torch's intra-op threads while that engine runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rillm.config import EngineConfig
+from rillm.engine.llm_engine import LLMEngine
+from rillm.loader import LoadedModel
+from rillm.model.llama import build_model
+from rillm.worker.model_runner import ModelRunner
+
+SPECS = {
+    "float32": ("float32", "none"),
+    "bfloat16": ("bfloat16", "none"),
+    "int4": ("float32", "int4"),
+    "int4-bf16": ("bfloat16", "int4"),
+}
+
+
+@dataclass
+class BenchEngine:
+    spec: str
+    engine: LLMEngine
+    threads: int | None
+
+    def activate(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+
+def make_engine(spec: str, loaded: LoadedModel, **options: object) -> BenchEngine:
+    name, _, threads = spec.partition("@")
+    if name not in SPECS:
+        raise SystemExit(f"unknown engine spec {spec!r} (known: {', '.join(SPECS)})")
+    dtype, quantization = SPECS[name]
+    config = EngineConfig(dtype=dtype, quantization=quantization, **options)  # type: ignore[arg-type]
+    engine = LLMEngine(config, loaded=loaded)
+    if config.keep_gguf_quantization and not _engine_keeps_quantization(engine):
+        # The engine does not pass the quantized blocks on yet: rebuild its runner with them.
+        model = build_model(loaded.config, loaded.weights, engine.dtype, torch.device("cpu"),
+                            quantized=loaded.quantized)
+        old = engine.runner
+        num_blocks = old.caches[0].key.shape[1] // old.block_size
+        engine.runner = ModelRunner(model, loaded.config, num_blocks, old.block_size,
+                                    engine.dtype, torch.device("cpu"))
+    return BenchEngine(spec, engine, int(threads) if threads else None)
+
+
+def _engine_keeps_quantization(engine: LLMEngine) -> bool:
+    from rillm.model.int4_linear import Int4Linear
+
+    return any(isinstance(m, Int4Linear) for m in engine.runner.model.modules())
