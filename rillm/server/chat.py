@@ -17,7 +17,7 @@ from rillm.server.errors import APIError
 from rillm.server.generation import Generation, error_event, run_until_disconnect
 from rillm.server.params import check_context, sampling_params
 from rillm.server.protocol import ChatCompletionRequest, ChatMessage
-from rillm.server.streaming import DONE, KEEPALIVE, ChoiceBuffer, logprob_entries, sse
+from rillm.server.streaming import DONE, KEEPALIVE, logprob_entries
 
 
 def render_chat(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage],
@@ -113,47 +113,34 @@ def _chat_response(generation: Generation, final: RequestOutput, logprobs: bool
 async def _chat_stream(generation: Generation, interval: int, *, include_usage: bool,
                        continuous_usage: bool, logprobs: bool) -> AsyncIterator[str]:
     tokenizer = generation.engine.tokenizer
-    n = generation.params.n
-    buffers = [ChoiceBuffer() for _ in range(n)]
     completion_tokens = 0
+    obj = "chat.completion.chunk"
 
-    def chunk(choices: list[dict[str, Any]]) -> str:
-        data = {"id": generation.response_id, "object": "chat.completion.chunk",
-                "created": generation.created, "model": generation.model, "choices": choices}
-        if continuous_usage:
-            data["usage"] = generation.usage_counts(completion_tokens)
-        return sse(data)
+    def chunk(choice: dict[str, Any]) -> str:
+        return generation.event(obj, [choice], completion_tokens if continuous_usage else None)
 
     try:
-        for index in range(n):
-            yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None}])
-        async for output in generation.events():
-            if output is None:
+        for index in range(generation.params.n):
+            yield chunk({"index": index, "delta": {"role": "assistant", "content": ""},
+                         "logprobs": None, "finish_reason": None})
+        async for piece in generation.pieces(interval):
+            if piece is None:
                 yield KEEPALIVE
                 continue
-            for delta in output.outputs:
-                completion_tokens += len(delta.token_ids)
-                buffer = buffers[delta.index]
-                buffer.add(delta)
-                if not buffer.ready(interval):
-                    continue
-                text, _, lps = buffer.take()
-                if text or (logprobs and lps):
-                    yield chunk([{
-                        "index": delta.index, "delta": {"content": text},
-                        "logprobs": ({"content": logprob_entries(tokenizer, lps)}
-                                     if logprobs else None),
-                        "finish_reason": None,
-                    }])
-                if buffer.finish_reason is not None:
-                    yield chunk([{"index": delta.index, "delta": {}, "logprobs": None,
-                                  "finish_reason": buffer.finish_reason,
-                                  "stop_reason": buffer.stop_reason}])
+            completion_tokens = piece.completion_tokens
+            if piece.text or (logprobs and piece.logprobs):
+                yield chunk({
+                    "index": piece.index, "delta": {"content": piece.text},
+                    "logprobs": ({"content": logprob_entries(tokenizer, piece.logprobs)}
+                                 if logprobs else None),
+                    "finish_reason": None,
+                })
+            if piece.finish_reason is not None:
+                yield chunk({"index": piece.index, "delta": {}, "logprobs": None,
+                             "finish_reason": piece.finish_reason,
+                             "stop_reason": piece.stop_reason})
         if include_usage:
-            yield sse({"id": generation.response_id, "object": "chat.completion.chunk",
-                       "created": generation.created, "model": generation.model,
-                       "choices": [], "usage": generation.usage_counts(completion_tokens)})
+            yield generation.event(obj, [], completion_tokens)
     except Exception as exc:  # noqa: BLE001 - after the 200, errors travel in the stream
         yield error_event(exc)
     yield DONE

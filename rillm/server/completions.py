@@ -16,7 +16,7 @@ from rillm.server.errors import APIError
 from rillm.server.generation import Generation, error_event, run_until_disconnect
 from rillm.server.params import check_context, sampling_params
 from rillm.server.protocol import CompletionRequest
-from rillm.server.streaming import DONE, KEEPALIVE, ChoiceBuffer, sse, token_text
+from rillm.server.streaming import DONE, KEEPALIVE, token_text
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for this endpoint."""
@@ -111,45 +111,34 @@ async def _stream(generation: Generation, interval: int, echoes: list[str], *,
                   ) -> AsyncIterator[str]:
     tokenizer = generation.engine.tokenizer
     n = generation.params.n
-    buffers = [ChoiceBuffer() for _ in range(n * len(generation.prompts))]
-    offsets = [len(echoes[i // n]) for i in range(len(buffers))]
+    # Characters each choice has sent so far: the text_offset of its next token.
+    offsets = [0] * (n * len(generation.prompts))
     completion_tokens = 0
+    obj = "text_completion"
 
     def chunk(choice: dict[str, Any]) -> str:
-        data = {"id": generation.response_id, "object": "text_completion",
-                "created": generation.created, "model": generation.model, "choices": [choice]}
-        if continuous_usage:
-            data["usage"] = generation.usage_counts(completion_tokens)
-        return sse(data)
+        return generation.event(obj, [choice], completion_tokens if continuous_usage else None)
 
     try:
-        async for output in generation.events():
-            if output is None:
+        async for piece in generation.pieces(interval):
+            if piece is None:
                 yield KEEPALIVE
                 continue
-            for delta in output.outputs:
-                completion_tokens += len(delta.token_ids)
-                buffer = buffers[delta.index]
-                first = buffer.num_sent_events == 0
-                buffer.add(delta)
-                if not buffer.ready(interval):
-                    continue
-                text, _, lps = buffer.take()
-                if first:
-                    text = echoes[delta.index // n] + text
-                if text or (logprobs and lps):
-                    lp = _logprobs(tokenizer, lps, offsets[delta.index]) if logprobs else None
-                    offsets[delta.index] += len(text)
-                    yield chunk({"index": delta.index, "text": text, "logprobs": lp,
-                                 "finish_reason": None})
-                if buffer.finish_reason is not None:
-                    yield chunk({"index": delta.index, "text": "", "logprobs": None,
-                                 "finish_reason": buffer.finish_reason,
-                                 "stop_reason": buffer.stop_reason})
+            completion_tokens = piece.completion_tokens
+            echo = echoes[piece.index // n] if piece.first else ""
+            text = echo + piece.text
+            if text or (logprobs and piece.logprobs):
+                lp = (_logprobs(tokenizer, piece.logprobs, offsets[piece.index] + len(echo))
+                      if logprobs else None)
+                offsets[piece.index] += len(text)
+                yield chunk({"index": piece.index, "text": text, "logprobs": lp,
+                             "finish_reason": None})
+            if piece.finish_reason is not None:
+                yield chunk({"index": piece.index, "text": "", "logprobs": None,
+                             "finish_reason": piece.finish_reason,
+                             "stop_reason": piece.stop_reason})
         if include_usage:
-            yield sse({"id": generation.response_id, "object": "text_completion",
-                       "created": generation.created, "model": generation.model,
-                       "choices": [], "usage": generation.usage_counts(completion_tokens)})
+            yield generation.event(obj, [], completion_tokens)
     except Exception as exc:  # noqa: BLE001 - after the 200, errors travel in the stream
         yield error_event(exc)
     yield DONE

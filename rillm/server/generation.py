@@ -7,18 +7,34 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
 
 from rillm.engine.async_engine import AsyncEngine, merge_outputs
-from rillm.outputs import CompletionOutput, RequestOutput
+from rillm.outputs import CompletionOutput, Logprob, RequestOutput
 from rillm.sampling_params import SamplingParams
 from rillm.server.errors import APIError
 from rillm.server.protocol import error_body
-from rillm.server.streaming import EventStreamResponse, engine_events, sse
+from rillm.server.streaming import ChoiceBuffer, EventStreamResponse, engine_events, sse
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StreamPiece:
+    """One choice's text (and logprobs) ready to send."""
+
+    index: int
+    text: str
+    logprobs: list[Logprob]
+    first: bool
+    """The choice's first piece."""
+    finish_reason: str | None
+    stop_reason: str | int | None
+    completion_tokens: int
+    """Tokens generated so far over all choices."""
 
 
 class Generation:
@@ -106,6 +122,34 @@ class Generation:
             return merged
         finally:
             self.state.num_active -= 1
+
+    async def pieces(self, interval: int) -> AsyncIterator[StreamPiece | None]:
+        """What a stream sends: each choice's text batched by `interval` tokens (the first and
+        the last piece never wait); None for a keep-alive tick."""
+        buffers = [ChoiceBuffer() for _ in range(self.params.n * len(self.prompts))]
+        completion_tokens = 0
+        async for output in self.events():
+            if output is None:
+                yield None
+                continue
+            for delta in output.outputs:
+                completion_tokens += len(delta.token_ids)
+                buffer = buffers[delta.index]
+                first = buffer.num_sent_events == 0
+                buffer.add(delta)
+                if buffer.ready(interval):
+                    text, _, logprobs = buffer.take()
+                    yield StreamPiece(delta.index, text, logprobs, first, buffer.finish_reason,
+                                      buffer.stop_reason, completion_tokens)
+
+    def event(self, obj: str, choices: list[dict[str, Any]],
+              completion_tokens: int | None = None) -> str:
+        """One SSE chunk of this response; with usage when `completion_tokens` is given."""
+        data: dict[str, Any] = {"id": self.response_id, "object": obj, "created": self.created,
+                                "model": self.model, "choices": choices}
+        if completion_tokens is not None:
+            data["usage"] = self.usage_counts(completion_tokens)
+        return sse(data)
 
     def usage_counts(self, completion_tokens: int) -> dict[str, int]:
         return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": completion_tokens,

@@ -152,3 +152,20 @@ def test_non_streaming_disconnect_aborts_the_request(server):
     metrics = wait_until_idle(server)
     assert metrics["rillm:num_requests_running"] == 0
     assert metrics["rillm:kv_cache_blocks_in_use"] == 0
+
+
+def test_streamed_text_offsets_count_the_echo_once(server):
+    _, blocks = stream_events(server, "/completions", {
+        "prompt": "One, two, three,", "max_tokens": 6, "stream": True, "temperature": 0,
+        "echo": True, "logprobs": 1})
+    chunks = [json.loads(p) for p in data_events(blocks)[:-1]]
+    sent = ""
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        if choice["logprobs"]:
+            offsets = choice["logprobs"]["text_offset"]
+            tokens = choice["logprobs"]["tokens"]
+            echo = len(choice["text"]) - len("".join(tokens))
+            assert offsets[0] == len(sent) + echo
+        sent += choice["text"]
+    assert sent.startswith("One, two, three,")
