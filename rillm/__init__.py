@@ -2,10 +2,12 @@
 
 from rillm.outputs import CompletionOutput, Logprob, RequestOutput
 from rillm.sampling_params import SamplingParams
+from rillm.structured_outputs import StructuredOutputsParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams",
+           "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name: str) -> object:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rillm.structured_outputs import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 """The most top logprobs one request may ask for (OpenAI's limit)."""
@@ -41,6 +45,9 @@ class SamplingParams:
     """None: no logprobs. k >= 0: the sampled token's logprob plus the top k."""
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output (JSON schema, regex, choice, grammar); the grammar decides when
+    it may end, so EOS is never banned on such a request (min_tokens, ignore_eos)."""
     stop_strings: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from rillm.sampling_params import SamplingParams
 
@@ -34,6 +35,21 @@ class RequestStatus(enum.Enum):
 _FINISHED = frozenset(
     {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
 )
+
+
+class TokenConstraint(Protocol):
+    """Which tokens a constrained sequence may produce next (structured outputs)."""
+
+    def fill_bitmask(self, bitmask: Any, row: int) -> None:
+        """Set row `row` of an int32 bitmask [rows, ceil(vocab / 32)]: bit t % 32 of word
+        t // 32 is 1 when token t is allowed."""
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past a sampled token; False if it was not allowed."""
+
+    @property
+    def is_terminated(self) -> bool:
+        """Nothing may follow."""
 
 
 @dataclass(slots=True, eq=False)
@@ -61,6 +77,8 @@ class Request:
     """Leading blocks of block_ids already offered to the prefix cache."""
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    constraint: TokenConstraint | None = None
+    """Structured outputs: the grammar state the sampler's token mask comes from."""
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -21,6 +21,7 @@ from rillm.core.block_manager import BlockManager
 from rillm.core.request import Request, RequestStatus
 from rillm.core.scheduler import Scheduler, SchedulerConfig
 from rillm.engine.detokenizer import IncrementalDetokenizer
+from rillm.engine.grammar import GrammarCompiler
 from rillm.loader import LoadedModel, load_model
 from rillm.model.config import ModelArchConfig
 from rillm.model.llama import build_model
@@ -78,6 +79,9 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, loaded.config, num_blocks, config.block_size, self.dtype, device
         )
+        self.grammars = GrammarCompiler(
+            self.tokenizer, loaded.config.vocab_size, loaded.config.eos_token_ids
+        )
         self._parents: dict[str, _Parent] = {}
         self._choice_parent: dict[str, _Parent] = {}
         self._rng = random.Random(config.seed)
@@ -112,6 +116,8 @@ class LLMEngine:
                           ("stop_token_ids", params.stop_token_ids or ())):
             if any(not 0 <= t < vocab for t in ids):
                 raise InvalidParameterError(name, f"token ids must be in [0, {vocab})")
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)
         return params.max_tokens if params.max_tokens is not None else room
 
     def add_request(
@@ -137,6 +143,8 @@ class LLMEngine:
                 seed=base_seed + index,
                 eos_token_ids=frozenset(self.model_config.eos_token_ids),
                 arrival=arrival,
+                constraint=(self.grammars.matcher(params.structured_outputs)
+                            if params.structured_outputs is not None else None),
             )
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
             parent.choices[request.request_id] = _Choice(index, request, detokenizer)
@@ -212,6 +220,8 @@ class LLMEngine:
     def _choice_delta(self, choice: _Choice, logprob: Logprob | None) -> CompletionOutput:
         request = choice.request
         token_id = request.output_token_ids[-1]
+        if request.constraint is not None:
+            self._advance_constraint(request, token_id)
         finished = request.is_finished
         # The EOS or stop token that ended a choice is not part of its text.
         hide_last = (
@@ -233,6 +243,18 @@ class LLMEngine:
             finish_reason=request.status.finish_reason,
             stop_reason=request.stop_reason,
         )
+
+    def _advance_constraint(self, request: Request, token_id: int) -> None:
+        """Feed the sampled token to the request's grammar; a complete grammar ends it."""
+        assert request.constraint is not None
+        if not request.constraint.accept(token_id):
+            # The mask allowed only what the grammar accepts; this is a bug, not bad input.
+            logger.error("request %s: token %d violates its grammar; stopping it",
+                         request.request_id, token_id)
+        elif not request.constraint.is_terminated:
+            return
+        if not request.is_finished:
+            self.scheduler.finish([request.request_id], RequestStatus.FINISHED_STOPPED)
 
     # -- sizing ------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from rillm.model.config import ModelArchConfig
 from rillm.model.llama import LlamaForCausalLM
 from rillm.outputs import Logprob
 from rillm.worker.attention import AttentionGroup, AttentionMetadata, KVCache
-from rillm.worker.sampler import Sampler, SamplerOutput, SamplingBatch
+from rillm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, bitmask_words
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids,
             vocab_size=self.config.vocab_size,
             device=self.device,
+            allowed=self._allowed_tokens(sampling),
         )
         result = self.sampler(logits, batch)
         rows = [i for i, s in enumerate(scheduled) if s.samples]
@@ -86,6 +87,18 @@ class ModelRunner:
             for row, entry in zip(rows, _logprobs(result, sampling), strict=True):
                 logprobs[row] = entry
         return RunnerOutput(sampled, logprobs)
+
+    def _allowed_tokens(self, sampling: Sequence[ScheduledRequest]) -> torch.Tensor | None:
+        """The token bitmask of constrained rows (structured outputs), or None if none is."""
+        constrained = [(row, s.request.constraint) for row, s in enumerate(sampling)
+                       if s.request.constraint is not None]
+        if not constrained:
+            return None
+        bitmask = torch.full((len(sampling), bitmask_words(self.config.vocab_size)), -1,
+                             dtype=torch.int32)
+        for row, constraint in constrained:
+            constraint.fill_bitmask(bitmask, row)
+        return bitmask
 
     def _prepare(
         self, scheduled: Sequence[ScheduledRequest]

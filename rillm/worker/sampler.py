@@ -77,6 +77,9 @@ class SamplingBatch:
     """(rows, token ids, biases), int64/int64/float32, each [N] with unique (row, token) pairs."""
     banned: tuple[Tensor, Tensor] | None
     """(rows, token ids), int64 [N]: tokens this row must not produce at this step."""
+    allowed: Tensor | None
+    """[B, ceil(V / 32)] int32 bitmask of the tokens each row may produce (structured
+    outputs): bit t % 32 of word t // 32; unconstrained rows are all ones."""
     all_greedy: bool
     any_greedy: bool
     max_num_logprobs: int | None
@@ -92,6 +95,7 @@ class SamplingBatch:
         eos_token_ids: Sequence[int],
         vocab_size: int,
         device: torch.device | str,
+        allowed: Tensor | None = None,
     ) -> SamplingBatch:
         """One row per entry of `params`; the other sequences are aligned with it.
 
@@ -144,6 +148,7 @@ class SamplingBatch:
             output_counts=output_counts,
             logit_bias=_logit_bias(params, vocab_size, device),
             banned=_banned(params, steps, eos_token_ids, vocab_size, device),
+            allowed=allowed.to(device) if allowed is not None else None,
             all_greedy=all(greedy),
             any_greedy=any(greedy),
             max_num_logprobs=max(requested) if requested else None,
@@ -200,13 +205,15 @@ class Sampler:
 
 def _process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """Bias, bans and penalties; returns a new tensor whenever it changes anything."""
-    if batch.logit_bias is not None or batch.banned is not None:
+    if batch.logit_bias is not None or batch.banned is not None or batch.allowed is not None:
         logits = logits.clone()
     if batch.logit_bias is not None:
         rows, tokens, biases = batch.logit_bias
         logits.index_put_((rows, tokens), biases, accumulate=True)
     if batch.banned is not None:
         logits.index_put_(batch.banned, logits.new_tensor(float("-inf")))
+    if batch.allowed is not None:
+        logits.masked_fill_(~unpack_bitmask(batch.allowed, batch.vocab_size), float("-inf"))
     if batch.seen_tokens is not None and batch.repetition_penalty is not None:
         penalty = batch.repetition_penalty[:, None]
         # Shrink toward "less likely" either way: positive logits divide, negative multiply.
@@ -221,6 +228,18 @@ def _process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
         logits = logits - batch.frequency_penalty[:, None] * counts
         logits = logits - batch.presence_penalty[:, None] * (counts > 0)
     return logits
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words in one row of a token bitmask."""
+    return (vocab_size + 31) // 32
+
+
+def unpack_bitmask(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """[B, W] int32 bitmask -> [B, vocab_size] bool (True: allowed)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts).bitwise_and_(1)
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
 def _sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
@@ -274,8 +293,8 @@ def _gumbel_noise(batch: SamplingBatch) -> Tensor:
 
     Each row is a SplitMix-style stream: seed and step hash to a start value and an odd
     stride, token t reads mix32(start + t * stride). Rows get different strides, so no row's
-    stream is a shifted copy of another's. 24 hashed bits become u in (0, 1), exact in
-    float32, and -log(-log u) is the Gumbel noise.
+    stream is a shifted copy of another's. 23 hashed bits become u in (0, 1), and
+    -log(-log u) is the Gumbel noise (see `gumbel_from_bits`).
     """
     start = _mix32(((batch.steps + _STEP_SALT) & _MASK32) ^ batch.seed_hi)
     start = _mix32(start ^ batch.seed_lo)
@@ -285,7 +304,16 @@ def _gumbel_noise(batch: SamplingBatch) -> Tensor:
     h = torch.arange(batch.vocab_size, device=start.device)[None, :] * stride[:, None]
     h.add_(start[:, None]).bitwise_and_(_MASK32)
     _mix32_(h)
-    u = h.bitwise_and_(0xFF_FFFF).float().add_(0.5).mul_(2.0**-24)
+    return gumbel_from_bits(h)
+
+
+def gumbel_from_bits(h: Tensor) -> Tensor:
+    """Gumbel noise from the low 23 bits of each int64 entry (consumed in place).
+
+    u = (bits + 0.5) / 2**23 lies strictly inside (0, 1) in float32: its 24 significant bits
+    hold exactly. With 24 bits the top value rounds to u = 1.0, whose noise is +inf, and that
+    token would win the draw whatever its logit (even a masked one)."""
+    u = h.bitwise_and_(0x7F_FFFF).float().add_(0.5).mul_(2.0**-23)
     return u.log_().neg_().log_().neg_()
 
 
@@ -388,10 +416,13 @@ def _banned(
     device: torch.device | str,
 ) -> tuple[Tensor, Tensor] | None:
     """Before `min_tokens` a row may not stop, so EOS and its stop tokens are banned; under
-    `ignore_eos` EOS is banned for good while its stop tokens stay allowed."""
+    `ignore_eos` EOS is banned for good while its stop tokens stay allowed. A row with
+    structured outputs is never banned anything: its grammar decides when it ends."""
     rows: list[int] = []
     tokens: list[int] = []
     for row, (p, step) in enumerate(zip(params, steps, strict=True)):
+        if p.structured_outputs is not None:
+            continue
         if step < p.min_tokens:
             banned = set(eos_token_ids) | set(p.stop_token_ids or ())
         elif p.ignore_eos:

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from rillm.sampling_params import SamplingParams
-from rillm.worker.sampler import Sampler, SamplerOutput, SamplingBatch
+from rillm.structured_outputs import StructuredOutputsParams
+from rillm.worker.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    bitmask_words,
+    gumbel_from_bits,
+    unpack_bitmask,
+)
 
 EOS = 1
 STOP = 2
@@ -21,6 +29,7 @@ def run(
     seeds: Sequence[int] | None = None,
     prompts: Sequence[Sequence[int]] | None = None,
     outputs: Sequence[Sequence[int]] | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> SamplerOutput:
     rows = len(params)
     batch = SamplingBatch.build(
@@ -31,6 +40,7 @@ def run(
         eos_token_ids=[EOS],
         vocab_size=logits.shape[-1],
         device="cpu",
+        allowed=allowed,
     )
     return Sampler()(logits, batch)
 
@@ -346,3 +356,56 @@ def test_mismatched_inputs_are_rejected() -> None:
         Sampler()(torch.zeros(3, 50), batch)
     with pytest.raises(ValueError, match="length"):
         SamplingBatch.build([SamplingParams()] * 2, [1], [[]] * 2, [[]] * 2, [EOS], 50, "cpu")
+
+
+def test_gumbel_noise_is_finite_for_every_hash_value() -> None:
+    # Every 23-bit value, plus high bits that must be ignored: a +inf would make that token win
+    # the draw whatever its logit.
+    bits = torch.arange(2**23, dtype=torch.int64)
+    noise = gumbel_from_bits(torch.cat([bits, bits + (5 << 23)]))
+    assert torch.isfinite(noise).all()
+
+
+def bitmask_allowing(rows: Sequence[Sequence[int] | None], vocab: int) -> torch.Tensor:
+    """An int32 token bitmask; None rows allow everything."""
+    mask = torch.zeros(len(rows), bitmask_words(vocab) * 32, dtype=torch.bool)
+    for i, tokens in enumerate(rows):
+        if tokens is None:
+            mask[i] = True
+        else:
+            mask[i, list(tokens)] = True
+    weights = (1 << torch.arange(32, dtype=torch.int64))
+    words = (mask.view(len(rows), -1, 32).long() * weights).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def test_unpack_bitmask_reads_bit_t_of_word_t_over_32() -> None:
+    vocab = 70
+    packed = bitmask_allowing([[0, 31, 32, 63, 69], None], vocab)
+    mask = unpack_bitmask(packed, vocab)
+    assert mask.shape == (2, vocab)
+    assert mask[0].nonzero().flatten().tolist() == [0, 31, 32, 63, 69]
+    assert mask[1].all()
+
+
+def test_the_token_mask_is_never_crossed_even_at_high_temperature() -> None:
+    vocab = 300
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(5)) * 5
+    worst = logits[0].topk(250, largest=False).indices[:3].tolist()
+    n = 2000
+    params = SamplingParams(temperature=2.0, structured_outputs=StructuredOutputsParams(
+        regex="x"))
+    tokens = run(logits.expand(n, -1), [params] * n,
+                 allowed=bitmask_allowing([worst] * n, vocab)).token_ids
+    assert set(tokens.tolist()) == set(worst)
+    greedy = run(logits, [SamplingParams(temperature=0.0)],
+                 allowed=bitmask_allowing([worst], vocab)).token_ids
+    assert greedy.tolist()[0] == max(worst, key=lambda t: logits[0, t])
+
+
+def test_a_constrained_row_may_end_before_min_tokens() -> None:
+    logits = torch.zeros(1, 10)
+    logits[0, EOS] = 10.0
+    constrained = SamplingParams(temperature=0.0, min_tokens=5, ignore_eos=True,
+                                 structured_outputs=StructuredOutputsParams(regex="x"))
+    assert run(logits, [constrained]).token_ids.tolist() == [EOS]
