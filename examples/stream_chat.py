@@ -19,6 +19,7 @@ question = sys.argv[1] if len(sys.argv) > 1 else "Write a haiku about rivers."
 stream = client.chat.completions.create(
     model=model,
     messages=[{"role": "user", "content": question}],
+    max_tokens=400,  # without it, a model that rambles may go on to its context length
     stream=True,
 )
 for chunk in stream:

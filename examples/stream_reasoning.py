@@ -3,7 +3,12 @@
 Reasoning models served with a reasoning parser put their thinking in `delta.reasoning`
 and the answer in `delta.content`; other models only ever fill `delta.content`.
 
+    rillm serve MODEL --reasoning-parser qwen3      # or deepseek_r1
     python examples/stream_reasoning.py "Is 97 a prime number?"
+
+The default model (SmolLM2) does not think on its own. `--demo` makes it: the output is
+constrained to `<think>…</think>answer` with a regex (structured outputs), so a server
+started with `--reasoning-parser qwen3` streams both parts.
 """
 
 import os
@@ -16,13 +21,19 @@ client = OpenAI(
     base_url=os.environ.get("OPENAI_BASE_URL", "http://localhost:8000/v1"),
 )
 model = client.models.list().data[0].id
-question = sys.argv[1] if len(sys.argv) > 1 else "Is 97 a prime number?"
+args = [arg for arg in sys.argv[1:] if arg != "--demo"]
+question = args[0] if args else "Is 97 a prime number?"
+extra_body = {}
+if "--demo" in sys.argv:
+    extra_body["structured_outputs"] = {"regex": r"<think>[^<>]{20,160}</think>[^<>]{1,300}"}
 
 in_reasoning = False
 stream = client.chat.completions.create(
     model=model,
     messages=[{"role": "user", "content": question}],
     stream=True,
+    max_tokens=200,
+    extra_body=extra_body,
 )
 for chunk in stream:
     if not chunk.choices:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 
 from rillm import __version__
+from rillm.parsers.reasoning import REASONING_PARSERS
+from rillm.parsers.tool_calls import TOOL_CALL_PARSERS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "get 429")
     serve.add_argument("--keepalive-interval", type=float, default=10.0,
                        help="seconds of silence after which a stream gets a keep-alive comment")
+    serve.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
+                       help="put the model's thinking in delta.reasoning / message.reasoning")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='let tool_choice "auto" parse tool calls from the output')
+    serve.add_argument("--tool-call-parser", default=None, choices=list(TOOL_CALL_PARSERS),
+                       help="the model's tool-call format")
+    serve.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
+                       help='e.g. \'{"enable_thinking": false}\'; requests may override')
     serve.add_argument("--uvicorn-log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.set_defaults(handler=run_serve)
@@ -86,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=None)
     chat.add_argument("--max-tokens", type=int, default=None)
     chat.set_defaults(handler=run_chat)
+
     return parser
 
 
@@ -202,12 +214,24 @@ def run_serve(args: argparse.Namespace) -> int:
             with open(template, encoding="utf-8") as f:
                 template = f.read()
         names = tuple(args.served_model_name or [model or DEFAULT_MODEL_NAME])
+        template_kwargs = {}
+        if args.default_chat_template_kwargs:
+            try:
+                template_kwargs = json.loads(args.default_chat_template_kwargs)
+            except ValueError as exc:
+                raise ValueError(f"--default-chat-template-kwargs is not JSON: {exc}") from None
+            if not isinstance(template_kwargs, dict):
+                raise ValueError("--default-chat-template-kwargs must be a JSON object")
         server_config = ServerConfig(
             host=args.host, port=args.port, served_model_names=names, api_key=args.api_key,
             stream_interval=args.stream_interval, allowed_origins=tuple(args.allowed_origins),
             max_queued_requests=args.max_queued_requests, chat_template=template,
             keepalive_interval=args.keepalive_interval,
             uvicorn_log_level=args.uvicorn_log_level,
+            reasoning_parser=args.reasoning_parser,
+            enable_auto_tool_choice=args.enable_auto_tool_choice,
+            tool_call_parser=args.tool_call_parser,
+            default_chat_template_kwargs=template_kwargs,
         )
     except ValueError as exc:
         print(f"rillm: error: {exc}", file=sys.stderr)

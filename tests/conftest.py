@@ -76,3 +76,13 @@ def guarded_server() -> Iterator[Server]:
         "--served-model-name", "house-model", "smol", "--allowed-origins", "http://example.com",
         "--keepalive-interval", "0.3", api_key="sesame",
     )
+
+
+@pytest.fixture(scope="session")
+def reasoning_server() -> Iterator[Server]:
+    """qwen3 reasoning parser, hermes tool calls for tool_choice "auto", a default template
+    kwarg."""
+    yield from start_server(
+        "--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser",
+        "hermes", "--default-chat-template-kwargs", '{"flavor": "vanilla"}',
+    )

@@ -158,7 +158,10 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            text = render_chat(state, engine, body.messages, body.add_generation_prompt, None)
+            kwargs = {**state.config.default_chat_template_kwargs,
+                      **(body.chat_template_kwargs or {})}
+            text = render_chat(state, engine, body.messages, body.add_generation_prompt,
+                               body.chat_template, body.tools, kwargs)
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -12,34 +13,42 @@ from fastapi.responses import JSONResponse, Response
 
 from rillm.engine.async_engine import AsyncEngine
 from rillm.outputs import RequestOutput
-from rillm.sampling_params import MAX_LOGPROBS, InvalidParameterError
+from rillm.parsers.message import MessageDelta, count_reasoning_tokens, parse_whole
+from rillm.sampling_params import MAX_LOGPROBS
+from rillm.server.chat_output import ChatOutputPlan, plan_chat_output, template_kwargs
 from rillm.server.errors import APIError
-from rillm.server.generation import Generation, error_event, run_until_disconnect
-from rillm.server.params import check_context, sampling_params
-from rillm.server.protocol import ChatCompletionRequest, ChatMessage
+from rillm.server.generation import Generation, error_event, run_until_disconnect, validate
+from rillm.server.params import check_context, sampling_params, structured_outputs
+from rillm.server.protocol import ChatCompletionRequest, ChatMessage, Tool
 from rillm.server.streaming import DONE, KEEPALIVE, logprob_entries
+
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "chat_template", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
 
 
 def render_chat(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage],
-                add_generation_prompt: bool, chat_template: str | None) -> str:
+                add_generation_prompt: bool, chat_template: str | None,
+                tools: Sequence[Tool] | None = None,
+                template_kwargs: dict[str, Any] | None = None) -> str:
     template = chat_template or state.config.chat_template or engine.engine.chat_template
     if not template:
         raise APIError(400, "this model has no chat template; use /v1/completions or start "
                        "the server with --chat-template", param="messages")
-    conversation = []
-    for message in messages:
-        entry: dict[str, Any] = {"role": message.role, "content": message.text()}
-        if message.name is not None:
-            entry["name"] = message.name
-        if message.tool_calls:
-            entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
-        if message.tool_call_id is not None:
-            entry["tool_call_id"] = message.tool_call_id
-        conversation.append(entry)
+    kwargs = template_kwargs or {}
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
+                       param="chat_template_kwargs")
+    conversation = [_template_message(message) for message in messages]
     try:
         text = engine.tokenizer.apply_chat_template(
             conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
             tokenize=False,
+            tools=[tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
+            **kwargs,
         )
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise APIError(400, f"the chat template rejected these messages: {exc}",
@@ -47,11 +56,37 @@ def render_chat(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage]
     return str(text)
 
 
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    entry: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name is not None:
+        entry["name"] = message.name
+    if message.tool_calls:
+        # Templates format the arguments themselves (often with `| tojson`): give them the
+        # object, as Hugging Face templates expect, not OpenAI's JSON string.
+        entry["tool_calls"] = [
+            {"id": call.id, "type": call.type,
+             "function": {"name": call.function.name,
+                          "arguments": _json_or_text(call.function.arguments)}}
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        entry["tool_call_id"] = message.tool_call_id
+    return entry
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatCompletionRequest,
                                  request: Request) -> Response:
     state.check_model(body.model)
+    kwargs = template_kwargs(state.config, body)
     text = render_chat(state, engine, body.messages, body.add_generation_prompt,
-                       body.chat_template)
+                       body.chat_template, body.tools, kwargs)
     prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
     max_model_len = engine.engine.max_model_len
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -66,11 +101,10 @@ async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatComp
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, logprobs)
-    try:
-        engine.engine.validate(prompt_ids, params)
-    except InvalidParameterError as exc:
-        raise APIError.from_invalid(exc) from None
+    plan, constraint = plan_chat_output(state.config, body, text, kwargs,
+                                        structured_outputs(body))
+    params = sampling_params(body, max_tokens, logprobs, constraint)
+    await validate(engine, prompt_ids, params)
 
     generation = Generation(state, engine, f"chatcmpl-{uuid.uuid4().hex}", body.model
                             or state.model_name, prompt_ids, params)
@@ -78,26 +112,38 @@ async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatComp
         interval = body.stream_interval or state.config.stream_interval
         options = body.stream_options
         return generation.stream_response(_chat_stream(
-            generation, interval,
+            generation, interval, plan,
             include_usage=bool(options and options.include_usage),
             continuous_usage=bool(options and options.continuous_usage_stats),
             logprobs=body.logprobs,
         ))
     final = await run_until_disconnect(request, generation.collect())
-    return JSONResponse(_chat_response(generation, final, body.logprobs))
+    return JSONResponse(_chat_response(generation, final, plan, body.logprobs))
 
 
-def _chat_response(generation: Generation, final: RequestOutput, logprobs: bool
-                   ) -> dict[str, Any]:
+def _chat_response(generation: Generation, final: RequestOutput, plan: ChatOutputPlan,
+                   logprobs: bool) -> dict[str, Any]:
     tokenizer = generation.engine.tokenizer
     choices = []
     for choice in final.outputs:
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+        finish_reason = choice.finish_reason
+        if plan.parses:
+            parser = plan.new_parser()
+            parsed = parse_whole(parser, choice.text)
+            calls = [call.to_openai() for call in parser.tool_calls]
+            message["content"] = parsed.content if parsed.content or not calls else None
+            if plan.reasoning_factory() is not None and plan.include_reasoning:
+                message["reasoning"] = parsed.reasoning or None
+            if calls:
+                message["tool_calls"] = calls
+                finish_reason = _tool_finish(finish_reason)
         choices.append({
             "index": choice.index,
-            "message": {"role": "assistant", "content": choice.text},
+            "message": message,
             "logprobs": ({"content": logprob_entries(tokenizer, choice.logprobs or ())}
                          if logprobs else None),
-            "finish_reason": choice.finish_reason,
+            "finish_reason": finish_reason,
             "stop_reason": choice.stop_reason,
         })
     return {
@@ -106,21 +152,56 @@ def _chat_response(generation: Generation, final: RequestOutput, logprobs: bool
         "created": generation.created,
         "model": generation.model,
         "choices": choices,
-        "usage": generation.usage(final),
+        "usage": generation.usage(final, _reasoning_tokens(
+            generation, plan, [c.token_ids for c in final.outputs])),
     }
 
 
-async def _chat_stream(generation: Generation, interval: int, *, include_usage: bool,
-                       continuous_usage: bool, logprobs: bool) -> AsyncIterator[str]:
+def _tool_finish(finish_reason: str | None) -> str | None:
+    """A choice that made tool calls and stopped by itself finished to call them."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+def _reasoning_tokens(generation: Generation, plan: ChatOutputPlan,
+                      outputs: Sequence[Sequence[int]]) -> int | None:
+    factory = plan.reasoning_factory()
+    if factory is None:
+        return None
+    skip = generation.params.skip_special_tokens
+    tokenizer = generation.engine.tokenizer
+
+    def decode(ids: Sequence[int]) -> str:
+        return str(tokenizer.decode(list(ids), skip_special_tokens=skip))
+
+    return sum(count_reasoning_tokens(ids, decode, factory) for ids in outputs)
+
+
+def _delta(message: MessageDelta, plan: ChatOutputPlan) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if message.reasoning and plan.include_reasoning:
+        delta["reasoning"] = message.reasoning
+    if message.content:
+        delta["content"] = message.content
+    if message.tool_calls:
+        delta["tool_calls"] = [call.to_openai() for call in message.tool_calls]
+    return delta
+
+
+async def _chat_stream(generation: Generation, interval: int, plan: ChatOutputPlan, *,
+                       include_usage: bool, continuous_usage: bool, logprobs: bool
+                       ) -> AsyncIterator[str]:
     tokenizer = generation.engine.tokenizer
     completion_tokens = 0
     obj = "chat.completion.chunk"
+    num_choices = generation.params.n
+    parsers = [plan.new_parser() for _ in range(num_choices)] if plan.parses else None
+    token_ids: list[list[int]] = [[] for _ in range(num_choices)]
 
     def chunk(choice: dict[str, Any]) -> str:
         return generation.event(obj, [choice], completion_tokens if continuous_usage else None)
 
     try:
-        for index in range(generation.params.n):
+        for index in range(num_choices):
             yield chunk({"index": index, "delta": {"role": "assistant", "content": ""},
                          "logprobs": None, "finish_reason": None})
         async for piece in generation.pieces(interval):
@@ -128,19 +209,38 @@ async def _chat_stream(generation: Generation, interval: int, *, include_usage: 
                 yield KEEPALIVE
                 continue
             completion_tokens = piece.completion_tokens
-            if piece.text or (logprobs and piece.logprobs):
+            token_ids[piece.index] += piece.token_ids
+            finish_reason = piece.finish_reason
+            if parsers is None:
+                delta = {"content": piece.text} if piece.text else {}
+            else:
+                parser = parsers[piece.index]
+                message = parser.feed(piece.text)
+                if finish_reason is not None:
+                    message = _joined(message, parser.finish())
+                    if parser.tool_calls:
+                        finish_reason = _tool_finish(finish_reason)
+                delta = _delta(message, plan)
+            if delta or (logprobs and piece.logprobs):
                 yield chunk({
-                    "index": piece.index, "delta": {"content": piece.text},
+                    "index": piece.index, "delta": delta,
                     "logprobs": ({"content": logprob_entries(tokenizer, piece.logprobs)}
                                  if logprobs else None),
                     "finish_reason": None,
                 })
-            if piece.finish_reason is not None:
+            if finish_reason is not None:
                 yield chunk({"index": piece.index, "delta": {}, "logprobs": None,
-                             "finish_reason": piece.finish_reason,
+                             "finish_reason": finish_reason,
                              "stop_reason": piece.stop_reason})
         if include_usage:
-            yield generation.event(obj, [], completion_tokens)
+            usage = generation.usage_counts(
+                completion_tokens, _reasoning_tokens(generation, plan, token_ids))
+            yield generation.event(obj, [], usage=usage)
     except Exception as exc:  # noqa: BLE001 - after the 200, errors travel in the stream
         yield error_event(exc)
     yield DONE
+
+
+def _joined(first: MessageDelta, second: MessageDelta) -> MessageDelta:
+    return MessageDelta(first.reasoning + second.reasoning, first.content + second.content,
+                        first.tool_calls + second.tool_calls)

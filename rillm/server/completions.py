@@ -11,10 +11,10 @@ from fastapi.responses import JSONResponse, Response
 
 from rillm.engine.async_engine import AsyncEngine
 from rillm.outputs import Logprob, RequestOutput
-from rillm.sampling_params import MAX_LOGPROBS, InvalidParameterError
+from rillm.sampling_params import MAX_LOGPROBS
 from rillm.server.errors import APIError
-from rillm.server.generation import Generation, error_event, run_until_disconnect
-from rillm.server.params import check_context, sampling_params
+from rillm.server.generation import Generation, error_event, run_until_disconnect, validate
+from rillm.server.params import check_context, sampling_params, structured_outputs
 from rillm.server.protocol import CompletionRequest
 from rillm.server.streaming import DONE, KEEPALIVE, token_text
 
@@ -51,12 +51,9 @@ async def create_completion(state: Any, engine: AsyncEngine, body: CompletionReq
         if not ids:
             raise APIError(400, "a prompt is empty", param="prompt")
         check_context(len(ids), max_tokens, engine.engine.max_model_len)
-    params = sampling_params(body, max_tokens, body.logprobs)
-    try:
-        for ids in prompts:
-            engine.engine.validate(ids, params)
-    except InvalidParameterError as exc:
-        raise APIError.from_invalid(exc) from None
+    params = sampling_params(body, max_tokens, body.logprobs, structured_outputs(body))
+    for ids in prompts:
+        await validate(engine, ids, params)
 
     generation = Generation(state, engine, f"cmpl-{uuid.uuid4().hex}",
                             body.model or state.model_name, prompts, params)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from rillm.parsers.reasoning import REASONING_PARSERS
+from rillm.parsers.tool_calls import TOOL_CALL_PARSERS
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,21 @@ class ServerConfig:
     keepalive_interval: float = 10.0
     """Seconds without an event after which a stream gets a `: keep-alive` comment."""
     uvicorn_log_level: str = "warning"
+    reasoning_parser: str | None = None
+    """deepseek_r1 or qwen3: thinking goes to `reasoning`, the answer to `content`."""
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    """hermes or llama3_json: how tool_choice "auto" finds calls in the model's output."""
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to the chat template under each request's own chat_template_kwargs."""
 
     def __post_init__(self) -> None:
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         if self.stream_interval < 1:
             raise ValueError("stream_interval must be at least 1")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:

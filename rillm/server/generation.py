@@ -14,7 +14,7 @@ from fastapi import Request
 
 from rillm.engine.async_engine import AsyncEngine, merge_outputs
 from rillm.outputs import CompletionOutput, Logprob, RequestOutput
-from rillm.sampling_params import SamplingParams
+from rillm.sampling_params import InvalidParameterError, SamplingParams
 from rillm.server.errors import APIError
 from rillm.server.protocol import error_body
 from rillm.server.streaming import ChoiceBuffer, EventStreamResponse, engine_events, sse
@@ -28,6 +28,7 @@ class StreamPiece:
 
     index: int
     text: str
+    token_ids: list[int]
     logprobs: list[Logprob]
     first: bool
     """The choice's first piece."""
@@ -138,25 +139,37 @@ class Generation:
                 first = buffer.num_sent_events == 0
                 buffer.add(delta)
                 if buffer.ready(interval):
-                    text, _, logprobs = buffer.take()
-                    yield StreamPiece(delta.index, text, logprobs, first, buffer.finish_reason,
-                                      buffer.stop_reason, completion_tokens)
+                    text, token_ids, logprobs = buffer.take()
+                    yield StreamPiece(delta.index, text, token_ids, logprobs, first,
+                                      buffer.finish_reason, buffer.stop_reason,
+                                      completion_tokens)
 
     def event(self, obj: str, choices: list[dict[str, Any]],
-              completion_tokens: int | None = None) -> str:
-        """One SSE chunk of this response; with usage when `completion_tokens` is given."""
+              completion_tokens: int | None = None, usage: dict[str, Any] | None = None
+              ) -> str:
+        """One SSE chunk of this response; with usage when `completion_tokens` (or the
+        whole `usage`) is given."""
         data: dict[str, Any] = {"id": self.response_id, "object": obj, "created": self.created,
                                 "model": self.model, "choices": choices}
-        if completion_tokens is not None:
-            data["usage"] = self.usage_counts(completion_tokens)
+        if usage is None and completion_tokens is not None:
+            usage = self.usage_counts(completion_tokens)
+        if usage is not None:
+            data["usage"] = usage
         return sse(data)
 
-    def usage_counts(self, completion_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.num_prompt_tokens + completion_tokens}
+    def usage_counts(self, completion_tokens: int,
+                     reasoning_tokens: int | None = None) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "prompt_tokens": self.num_prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": self.num_prompt_tokens + completion_tokens}
+        if reasoning_tokens is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+        return usage
 
-    def usage(self, final: RequestOutput) -> dict[str, int]:
-        return self.usage_counts(sum(len(c.token_ids) for c in final.outputs))
+    def usage(self, final: RequestOutput, reasoning_tokens: int | None = None
+              ) -> dict[str, Any]:
+        return self.usage_counts(sum(len(c.token_ids) for c in final.outputs),
+                                 reasoning_tokens)
 
 
 def _renumber(output: RequestOutput, offset: int) -> RequestOutput:
@@ -169,6 +182,20 @@ def _renumber(output: RequestOutput, offset: int) -> RequestOutput:
     )
     return RequestOutput(output.request_id, output.prompt_token_ids, outputs, output.finished,
                          output.prompt, output.num_cached_tokens)
+
+
+async def validate(engine: AsyncEngine, prompt_ids: Sequence[int],
+                   params: SamplingParams) -> None:
+    """The engine's admission checks, before any byte of the response; a 400 naming the
+    parameter. Compiling a structured-outputs grammar can take a moment, so that happens on
+    a worker thread, not on the event loop."""
+    try:
+        if params.structured_outputs is None:
+            engine.engine.validate(prompt_ids, params)
+        else:
+            await asyncio.to_thread(engine.engine.validate, prompt_ids, params)
+    except InvalidParameterError as exc:
+        raise APIError.from_invalid(exc) from None
 
 
 def error_event(exc: BaseException) -> str:

@@ -6,10 +6,37 @@ from __future__ import annotations
 from rillm.sampling_params import InvalidParameterError, SamplingParams
 from rillm.server.errors import APIError
 from rillm.server.protocol import SamplingFields
+from rillm.structured_outputs import StructuredOutputsParams
 
 
-def sampling_params(body: SamplingFields, max_tokens: int | None,
-                    logprobs: int | None) -> SamplingParams:
+def structured_outputs(body: SamplingFields) -> StructuredOutputsParams | None:
+    """The constraint from `response_format` or `structured_outputs` (not both)."""
+    response_format = body.response_format
+    if response_format is not None and response_format.type == "text":
+        response_format = None
+    if response_format is not None and body.structured_outputs is not None:
+        raise APIError(400, "use either response_format or structured_outputs, not both",
+                       param="response_format")
+    try:
+        if response_format is not None:
+            if response_format.type == "json_object":
+                return StructuredOutputsParams(json_object=True, param="response_format")
+            spec = response_format.json_schema
+            if spec is None or spec.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs "
+                               "json_schema.schema", param="response_format.json_schema")
+            return StructuredOutputsParams(json=spec.json_schema, param="response_format")
+        so = body.structured_outputs
+        if so is None:
+            return None
+        return StructuredOutputsParams(json=so.json_schema, json_object=bool(so.json_object),
+                                       regex=so.regex, choice=so.choice, grammar=so.grammar)
+    except InvalidParameterError as exc:
+        raise APIError.from_invalid(exc) from None
+
+
+def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    constraint: StructuredOutputsParams | None = None) -> SamplingParams:
     """Raises APIError(400) naming the parameter for any bad value."""
     bias = None
     if body.logit_bias:
@@ -44,6 +71,7 @@ def sampling_params(body: SamplingFields, max_tokens: int | None,
             logprobs=logprobs,
             skip_special_tokens=body.skip_special_tokens,
             spaces_between_special_tokens=body.spaces_between_special_tokens,
+            structured_outputs=constraint,
         )
     except InvalidParameterError as exc:
         raise APIError.from_invalid(exc) from None
