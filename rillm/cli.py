@@ -98,6 +98,50 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=None)
     chat.set_defaults(handler=run_chat)
 
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    bench_serve = bench_commands.add_parser(
+        "serve", help="load OpenAI-compatible servers with streaming requests",
+        description="Measure one or more running OpenAI-compatible servers side by side "
+        "(interleaved): throughput, TTFT, TPOT, ITL and latency percentiles, failures.",
+    )
+    bench_serve.add_argument(
+        "--server", action="append", default=None, metavar="[NAME=]URL",
+        help="a server's base URL (…/v1), repeatable (default: http://127.0.0.1:8000/v1)")
+    bench_serve.add_argument("--model", default=None,
+                             help="model name to request (default: each server's first)")
+    bench_serve.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    bench_serve.add_argument("--endpoint", choices=["completions", "chat"],
+                             default="completions")
+    bench_serve.add_argument("--dataset", choices=["random", "fixed", "conversations"],
+                             default="random")
+    bench_serve.add_argument("--input-len", type=int, default=128,
+                             help="prompt tokens (random and fixed datasets)")
+    bench_serve.add_argument("--output-len", type=int, default=128,
+                             help="output tokens per request (max_tokens, with ignore_eos)")
+    bench_serve.add_argument("--natural-length", action="store_true",
+                             help="let outputs end on their own (no ignore_eos; --output-len "
+                             "still caps them)")
+    bench_serve.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
+                             help="levels of concurrent requests (default: 1 8 32)")
+    bench_serve.add_argument("--request-rate", type=float, nargs="+", default=None,
+                             help="Poisson arrival rates per second, each run at every "
+                             "concurrency level (default: all requests at once)")
+    bench_serve.add_argument("--num-prompts", type=int, default=None,
+                             help="requests per level (default: 4 per concurrent slot, "
+                             "at least 8)")
+    bench_serve.add_argument("--rounds", type=int, default=1,
+                             help="repeat every level; the median round is reported")
+    bench_serve.add_argument("--tokenizer", default=None,
+                             help="GGUF or HF directory for counting prompt tokens "
+                             "(default: the default model's)")
+    bench_serve.add_argument("--seed", type=int, default=0)
+    bench_serve.add_argument("--json", default=None, metavar="FILE", help="write results")
+    bench_serve.add_argument("--plot", default=None, metavar="PNG",
+                             help="plot throughput and latency against concurrency")
+    bench_serve.add_argument("--timeout", type=float, default=600.0,
+                             help="seconds one request may take")
+    bench_serve.set_defaults(handler=run_bench_serve)
     return parser
 
 
@@ -239,6 +283,65 @@ def run_serve(args: argparse.Namespace) -> int:
     from rillm.server.runner import serve
 
     return serve(config, server_config, started)
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from rillm.bench.serve import Target, Workload, make_prompts, plot, run_benchmark, table
+    from rillm.bench.serve import to_json as results_json
+
+    console = Console(stderr=True)
+    targets = []
+    for i, spec in enumerate(args.server or ["http://127.0.0.1:8000/v1"]):
+        name, sep, url = spec.partition("=")
+        if not sep or "://" in name:
+            name, url = (f"server{i + 1}" if args.server and len(args.server) > 1
+                         else "server"), spec
+        targets.append(Target(name, url.rstrip("/"), args.model, args.api_key))
+    if len({t.name for t in targets}) != len(targets):
+        print("rillm bench serve: error: server names must differ (NAME=URL)", file=sys.stderr)
+        return 2
+    if any(c < 1 for c in args.concurrency) or args.output_len < 1 or args.input_len < 1:
+        print("rillm bench serve: error: --concurrency, --input-len and --output-len must be "
+              "positive", file=sys.stderr)
+        return 2
+    workload = Workload(args.endpoint, args.dataset, args.input_len, args.output_len,
+                        not args.natural_length, args.seed)
+    num_prompts = args.num_prompts or max(8, 4 * max(args.concurrency))
+    with console.status("loading the tokenizer"):
+        tokenizer = _bench_tokenizer(args.tokenizer)
+    prompts = make_prompts(tokenizer, workload, num_prompts)
+    rates = args.request_rate or [None]
+    levels = [(c, r) for c in args.concurrency for r in rates]
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        try:
+            results = asyncio.run(run_benchmark(targets, workload, prompts, levels,
+                                                rounds=args.rounds, progress=progress,
+                                                timeout=args.timeout))
+        except Exception as exc:  # noqa: BLE001 - a server that cannot be reached at all
+            print(f"rillm bench serve: error: {exc}", file=sys.stderr)
+            return 1
+    Console(width=None if sys.stdout.isatty() else 160).print(table(results))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results_json(results, workload, targets), f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    return 1 if any(r.failures for r in results) else 0
+
+
+def _bench_tokenizer(path: str | None) -> object:
+    from rillm.loader import default_model_path
+    from rillm.loader.tokenizer import load_gguf_tokenizer, load_hf_tokenizer
+
+    path = path or default_model_path()
+    return load_gguf_tokenizer(path) if path.endswith(".gguf") else load_hf_tokenizer(path)
 
 
 if __name__ == "__main__":
