@@ -22,7 +22,10 @@ SPECS = {
     "bfloat16": ("bfloat16", "none"),
     "int4": ("float32", "int4"),
     "int4-bf16": ("bfloat16", "int4"),
+    "int4x-bf16": ("bfloat16", "int4"),
 }
+EXACT = {"int4x-bf16"}
+"""Specs that use the int4 kernel at every batch size (no dense bfloat16 copy)."""
 
 
 @dataclass
@@ -51,6 +54,12 @@ def make_engine(spec: str, loaded: LoadedModel, **options: object) -> BenchEngin
         num_blocks = old.caches[0].key.shape[1] // old.block_size
         engine.runner = ModelRunner(model, loaded.config, num_blocks, old.block_size,
                                     engine.dtype, torch.device("cpu"))
+    if name in EXACT:
+        from rillm.model.int4_linear import Int4Linear
+
+        for module in engine.runner.model.modules():
+            if isinstance(module, Int4Linear):
+                module.max_int4_rows = 1 << 30
     return BenchEngine(spec, engine, int(threads) if threads else None)
 
 

@@ -159,13 +159,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="memory for the KV cache in GiB")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=True)
-    parser.add_argument("--quantization", default="none", choices=["none", "int4", "auto"],
-                        help="int4: run a GGUF's Q4_1/Q8_0 weights as they are (CPU, faster)")
+    parser.add_argument("--quantization", default="auto", choices=["none", "int4", "auto"],
+                        help="auto (default): int4 on a CPU with --dtype auto; int4: run a "
+                        "GGUF's Q4_1/Q8_0 weights as they are; none: dequantize them (the exact, "
+                        "batch-invariant reference)")
     parser.add_argument("--num-threads", type=int, default=None,
-                        help="torch threads for the model (default: all cores)")
+                        help="torch threads for the model (default: all cores; for "
+                        "`serve` on a CPU, all cores but one)")
 
 
-def engine_config(args: argparse.Namespace):  # noqa: ANN201 - EngineConfig, imported lazily
+def engine_config(  # noqa: ANN201 - EngineConfig, imported lazily
+    args: argparse.Namespace, num_threads: int | None = None
+):
     from rillm.config import EngineConfig
 
     return EngineConfig(
@@ -179,8 +184,18 @@ def engine_config(args: argparse.Namespace):  # noqa: ANN201 - EngineConfig, imp
         kv_cache_space_gib=args.kv_cache_space,
         enable_prefix_caching=args.enable_prefix_caching,
         quantization=args.quantization,
-        num_threads=args.num_threads,
+        num_threads=args.num_threads or num_threads,
     )
+
+
+def serving_threads(device: str) -> int | None:
+    """Torch threads for a server's model: every core but one, which is left to the HTTP side
+    (event loop, SSE encoding). On a CPU, a model thread that must share its core stalls the
+    others at every parallel region; measured on 2 cores (BENCHMARKS.md), 1 model thread
+    serves 1.4x the tokens/s of 2 at concurrency 1."""
+    if device != "cpu":
+        return None
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -252,7 +267,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         if model is not None and not os.path.exists(model):
             raise ValueError(f"{model}: model path does not exist")
-        config = engine_config(args)
+        config = engine_config(args, num_threads=serving_threads(args.device))
         template = args.chat_template
         if template is not None and os.path.isfile(template):
             with open(template, encoding="utf-8") as f:

@@ -32,13 +32,15 @@ class EngineConfig:
     """Seeds the per-request seeds of requests that bring none."""
     num_threads: int | None = None
     """Torch intra-op threads; None keeps torch's default (all cores)."""
-    quantization: str = "none"
+    quantization: str = "auto"
     """What to do with a GGUF file's Q4_1 / Q8_0 matrices: "int4" keeps them quantized and
     multiplies with the CPU int4 kernel (activations in bfloat16 unless `dtype` names another),
-    "none" dequantizes them to `dtype`; "auto" is "int4" when dtype is auto and the device the
-    CPU, else "none". Perplexity matches the dequantized float32 model (BENCHMARKS.md). Opt-in
-    for now: above 12 rows int4 hands over to a dense bfloat16 copy, so a request's greedy tokens
-    can differ alone and in a batch."""
+    "none" dequantizes them to `dtype`; "auto" (the default) is "int4" when dtype is auto and
+    the device the CPU, else "none". Perplexity matches the dequantized float32 model
+    (BENCHMARKS.md). Above 12 rows int4 hands over to a dense bfloat16 copy of the same weights
+    (prefill, big decode batches), and bfloat16 rounding depends on the kernels' blocking, so
+    unlike "none" a request's greedy tokens can differ alone and in a batch; "none" is the
+    exact, batch-invariant reference path."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

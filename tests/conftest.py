@@ -56,8 +56,18 @@ def make_engine(default_loaded):
 
 @pytest.fixture(scope="session")
 def default_engine(make_engine):
-    """A shared engine with default settings. Tests must leave it with no requests."""
+    """A shared engine with default settings (on a CPU: the GGUF's int4 weights). Tests must
+    leave it with no requests."""
     engine = make_engine()
+    yield engine
+    assert not engine.has_unfinished_requests()
+
+
+@pytest.fixture(scope="session")
+def exact_engine(make_engine):
+    """The exact path: weights dequantized to float32 (`quantization="none"`), the one whose
+    greedy tokens equal transformers' and never depend on the batch. Leave it empty."""
+    engine = make_engine(quantization="none")
     yield engine
     assert not engine.has_unfinished_requests()
 
