@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="Poisson arrival rates per second, each run at every "
                              "concurrency level (default: all requests at once)")
     bench_serve.add_argument("--num-prompts", type=int, default=None,
-                             help="requests per level (default: 4 per concurrent slot, "
-                             "at least 8)")
+                             help="requests per level (default: 4 per concurrent slot of "
+                             "the level, at least 8)")
     bench_serve.add_argument("--rounds", type=int, default=1,
                              help="repeat every level; the median round is reported")
     bench_serve.add_argument("--tokenizer", default=None,
@@ -326,12 +326,15 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         return 2
     workload = Workload(args.endpoint, args.dataset, args.input_len, args.output_len,
                         not args.natural_length, args.seed)
-    num_prompts = args.num_prompts or max(8, 4 * max(args.concurrency))
+    def per_level(concurrency: int) -> int:
+        return args.num_prompts or max(8, 4 * concurrency)
+
+    num_prompts = max(per_level(c) for c in args.concurrency)
     with console.status("loading the tokenizer"):
         tokenizer = _bench_tokenizer(args.tokenizer)
     prompts = make_prompts(tokenizer, workload, num_prompts)
     rates = args.request_rate or [None]
-    levels = [(c, r) for c in args.concurrency for r in rates]
+    levels = [(c, r, per_level(c)) for c in args.concurrency for r in rates]
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                   transient=True) as progress:

@@ -275,10 +275,11 @@ async def served_model(client: httpx.AsyncClient, target: Target) -> str:
 
 
 async def run_benchmark(targets: Sequence[Target], workload: Workload, prompts: Sequence[Prompt],
-                        levels: Sequence[tuple[int | None, float | None]], rounds: int = 1,
+                        levels: Sequence[tuple[int | None, float | None, int]], rounds: int = 1,
                         warmup: int = 1, progress: Any = None, timeout: float = 600.0
                         ) -> list[LevelResult]:
-    """Every (concurrency, request rate) level on every server, interleaved."""
+    """Every (concurrency, request rate, number of requests) level on every server,
+    interleaved; a level sends the first `number` prompts."""
     results: list[LevelResult] = []
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
@@ -288,22 +289,22 @@ async def run_benchmark(targets: Sequence[Target], workload: Workload, prompts: 
                 await send(client, target, models[target.name], workload, prompt)
         order = list(targets)
         for _ in range(rounds):
-            for concurrency, rate in levels:
+            for concurrency, rate, count in levels:
                 for target in order:
                     task = None
                     if progress is not None:
                         label = f"{target.name} c={concurrency or '∞'}"
                         if rate is not None:
                             label += f" rate={rate:g}/s"
-                        task = progress.add_task(label, total=len(prompts))
+                        task = progress.add_task(label, total=count)
 
                     def advance(task: Any = task) -> None:
                         if progress is not None:
                             progress.advance(task)
 
                     results.append(await run_level(client, target, models[target.name],
-                                                   workload, prompts, concurrency, rate,
-                                                   advance))
+                                                   workload, prompts[:count], concurrency,
+                                                   rate, advance))
                 order = order[1:] + order[:1]
     return merge_rounds(results)
 
@@ -374,6 +375,8 @@ def plot(results: Sequence[LevelResult], path: str) -> None:
                 axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
                           label=server)
         axis.set_xscale("log", base=2)
+        levels = sorted({r.concurrency or 0 for r in results})
+        axis.set_xticks(levels, [str(level) for level in levels])
         axis.set_xlabel("concurrency")
         axis.set_title(label)
         axis.grid(True, alpha=0.3)

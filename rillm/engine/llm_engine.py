@@ -8,6 +8,8 @@ parent request id with the choice `index`.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import itertools
 import logging
 import random
@@ -86,6 +88,8 @@ class LLMEngine:
         self._choice_parent: dict[str, _Parent] = {}
         self._rng = random.Random(config.seed)
         self._arrival = itertools.count()
+        del loaded, model
+        _return_freed_memory()
 
     # -- admission -------------------------------------------------------------------------
 
@@ -287,3 +291,17 @@ class LLMEngine:
                 f"({capacity} tokens); raise kv_cache_space_gib or lower max_model_len"
             )
         return config.max_model_len
+
+
+def _return_freed_memory() -> None:
+    """Hand the loader's freed buffers (the dequantized checkpoint, packing temporaries) back
+    to the OS. glibc keeps freed heap memory mapped, which after a load leaves ~450 MB of the
+    default model's resident memory unused; malloc_trim releases it. A no-op elsewhere."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

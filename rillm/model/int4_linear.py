@@ -62,8 +62,9 @@ def int4_weights(blocks: GGUFBlocks) -> tuple[torch.Tensor, torch.Tensor, int]:
         q = np.concatenate((packed & 0x0F, packed >> 4), axis=-1).reshape(rows, cols)
         scale, zero = d, m + 8 * d
     elif blocks.type_name == Q8_0:
-        q8 = raw[:, :, 2:34].copy().view(np.int8).astype(np.int32)  # [N, K/32, 32]
-        hi, lo = (q8 >> 4) + 8, q8 & 0x0F
+        q8 = raw[:, :, 2:34].copy().view(np.int8).astype(np.int16)  # [N, K/32, 32]
+        # Nibbles fit a byte: int32 only once, at the end (the lm_head is 28M weights).
+        hi, lo = ((q8 >> 4) + 8).astype(np.uint8), (q8 & 0x0F).astype(np.uint8)
         q = np.concatenate((hi.reshape(rows, cols), lo.reshape(rows, cols)), axis=1)
         scale = np.concatenate((16 * d, d), axis=1)
         zero = np.concatenate((np.zeros_like(d), 8 * d), axis=1)
@@ -71,7 +72,7 @@ def int4_weights(blocks: GGUFBlocks) -> tuple[torch.Tensor, torch.Tensor, int]:
         raise ValueError(f"GGUF type {blocks.type_name} has no int4 form")
     scales_and_zeros = np.stack((scale, zero), axis=-1).transpose(1, 0, 2)  # [K'/32, N, 2]
     return (
-        torch.from_numpy(q.astype(np.int32)),
+        torch.from_numpy(q.astype(np.int32, copy=False)),
         torch.from_numpy(np.ascontiguousarray(scales_and_zeros)),
         q.shape[1],
     )
