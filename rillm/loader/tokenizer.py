@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 
+import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rillm.loader.errors import ModelLoadError
@@ -17,10 +21,51 @@ def load_hf_tokenizer(directory: str) -> PreTrainedTokenizerBase:
     )
 
 
-def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The fast tokenizer described by a GGUF file's `tokenizer.*` metadata."""
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "rillm", "tokenizers")
+
+
+def load_gguf_tokenizer(path: str, cache_dir: str | None = CACHE_DIR) -> PreTrainedTokenizerBase:
+    """The fast tokenizer described by a GGUF file's `tokenizer.*` metadata.
+
+    Building it parses the whole vocabulary out of the file (seconds for 49k tokens), so the
+    result is saved under `cache_dir`, keyed by the file's path, size and modification time
+    (and the transformers version), and later loads read that instead. None: no cache. A cache
+    that cannot be written or read is skipped, never an error."""
     directory, name = os.path.split(os.path.abspath(path))
-    return _checked(path, lambda: AutoTokenizer.from_pretrained(directory, gguf_file=name))
+    cached = _cache_entry(path, cache_dir)
+    if cached is not None and os.path.isfile(os.path.join(cached, "tokenizer.json")):
+        try:
+            return load_hf_tokenizer(cached)
+        except ModelLoadError:
+            shutil.rmtree(cached, ignore_errors=True)  # rebuilt and saved again below
+    tokenizer = _checked(path, lambda: AutoTokenizer.from_pretrained(directory, gguf_file=name))
+    if cached is not None:
+        _save(tokenizer, cached)
+    return tokenizer
+
+
+def _cache_entry(path: str, cache_dir: str | None) -> str | None:
+    if cache_dir is None:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:24])
+
+
+def _save(tokenizer: PreTrainedTokenizerBase, target: str) -> None:
+    """Write the tokenizer to `target` atomically (a finished directory or none at all)."""
+    staging = None
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".partial-")
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # fails if another process got there first: fine
+    except OSError:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str | None:
