@@ -116,14 +116,17 @@ class LlamaAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        heads = self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x).view(tokens, heads + self.num_kv_heads, self.head_dim)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = apply_rotary(self.q_norm(qkv[:, : self.num_heads]), cos, sin)
+            k = apply_rotary(self.k_norm(qkv[:, self.num_heads : heads]), cos, sin)
+        else:
+            # Q and K heads side by side: one rotary pass instead of two.
+            qk = apply_rotary(qkv[:, :heads], cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, heads:]
         cache.write(metadata.slot_mapping, k, v)
         return self.o_proj(paged_attention(q, cache, metadata, self.scale))
 

@@ -44,6 +44,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     """[T] cache slot (block * block_size + offset) each token's K/V is written to."""
     groups: tuple[AttentionGroup, ...]
+    decode_only: bool = False
+    """Every token is one sequence's single decode query, in order: the decode group's
+    queries are the flat batch itself (no gather of q, no scatter of the output)."""
 
 
 class KVCache:
@@ -99,6 +102,11 @@ def paged_attention(
     num_tokens, num_heads, dim = q.shape
     num_kv_heads = cache.num_kv_heads
     group_size = num_heads // num_kv_heads
+    if metadata.decode_only:
+        (group,) = metadata.groups
+        k, v = cache.gather(group.slots, num_tokens)
+        assert group.mask_bias is not None
+        return _decode_attention(q, k, v, group.mask_bias, scale)
     out = q.new_empty(num_tokens, num_heads * dim)
     for group in metadata.groups:  # at most two: decodes and prefills
         batch, q_len = group.token_index.shape
@@ -128,7 +136,7 @@ def _decode_attention(
     Returns [B, H * D]."""
     batch, num_heads, dim = q.shape
     num_kv_heads = k.shape[0]
-    qh = q.view(batch, num_kv_heads, num_heads // num_kv_heads, dim).transpose(0, 1)
+    qh = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, dim).transpose(0, 1)
     scores = torch.matmul(qh, k.transpose(-1, -2)).mul_(scale).add_(mask_bias)  # [Hkv,B,G,L]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.matmul(probs, v).transpose(0, 1).reshape(batch, num_heads * dim)

@@ -129,7 +129,8 @@ class ModelRunner:
                 groups.append(
                     self._group(rows, num_new[rows], starts[rows], offsets[rows], block_tables)
                 )
-        metadata = AttentionMetadata(slot_mapping.to(device), tuple(groups))
+        decode_only = len(groups) == 1 and groups[0].mask_bias is not None
+        metadata = AttentionMetadata(slot_mapping.to(device), tuple(groups), decode_only)
         samples = torch.tensor([s.samples for s in scheduled], dtype=torch.bool)
         logits_indices = (ends - 1)[samples]
         return (
