@@ -165,7 +165,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "batch-invariant reference)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads for the model (default: all cores; for "
-                        "`serve` on a CPU, all cores but one)")
+                        "`serve` on a CPU, all cores but one for decode steps and all for "
+                        "prefill steps)")
 
 
 def engine_config(  # noqa: ANN201 - EngineConfig, imported lazily
@@ -185,6 +186,8 @@ def engine_config(  # noqa: ANN201 - EngineConfig, imported lazily
         enable_prefix_caching=args.enable_prefix_caching,
         quantization=args.quantization,
         num_threads=args.num_threads or num_threads,
+        big_step_threads=(None if args.num_threads or not num_threads
+                          else len(os.sched_getaffinity(0))),
     )
 
 

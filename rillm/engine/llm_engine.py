@@ -81,6 +81,9 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, loaded.config, num_blocks, config.block_size, self.dtype, device
         )
+        if config.big_step_threads and config.num_threads:
+            self.runner.set_step_threads(config.num_threads, config.big_step_threads,
+                                         config.big_step_tokens)
         self.grammars = GrammarCompiler(
             self.tokenizer, loaded.config.vocab_size, loaded.config.eos_token_ids
         )

@@ -49,6 +49,21 @@ class ModelRunner:
             for _ in range(config.num_hidden_layers)
         ]
         self.sampler = Sampler()
+        self._step_threads: tuple[int, int, int] | None = None
+        self._threads = torch.get_num_threads()
+
+    def set_step_threads(self, small: int, big: int, big_step_tokens: int) -> None:
+        """Run steps of at least `big_step_tokens` tokens on `big` threads, others on `small`."""
+        self._step_threads = (small, big, big_step_tokens)
+
+    def _use_threads(self, num_tokens: int) -> None:
+        if self._step_threads is None:
+            return
+        small, big, threshold = self._step_threads
+        threads = big if num_tokens >= threshold else small
+        if threads != self._threads:
+            torch.set_num_threads(threads)
+            self._threads = threads
 
     @torch.inference_mode()
     def forward(
@@ -57,6 +72,7 @@ class ModelRunner:
         """Run the model on the step, writing its K/V into the cache. Logits [N, vocab] (float32)
         of the last token of each request that samples, or of every token if `all_tokens`."""
         input_ids, positions, metadata, logits_indices = self._prepare(scheduled)
+        self._use_threads(input_ids.shape[0])
         if all_tokens:
             logits_indices = torch.arange(input_ids.shape[0], device=self.device)
         return self.model(input_ids, positions, self.caches, metadata, logits_indices)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rillm.core.request import RequestStatus
 from rillm.sampling_params import InvalidParameterError, SamplingParams
@@ -153,3 +154,19 @@ def test_finished_status_names_match_openai_finish_reasons():
     assert RequestStatus.FINISHED_STOPPED.finish_reason == "stop"
     assert RequestStatus.FINISHED_LENGTH.finish_reason == "length"
     assert RequestStatus.RUNNING.finish_reason is None
+
+
+def test_prefill_steps_use_the_big_step_threads(make_engine, prompt):
+    before = torch.get_num_threads()
+    try:
+        engine = make_engine(num_threads=1, big_step_threads=2, big_step_tokens=16)
+        assert len(prompt) >= 16
+        engine.add_request("t", prompt, SamplingParams(max_tokens=3))
+        engine.step()  # the prompt: one big step
+        assert torch.get_num_threads() == 2
+        engine.step()  # one decode token
+        assert torch.get_num_threads() == 1
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        torch.set_num_threads(before)
