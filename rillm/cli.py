@@ -170,8 +170,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(  # noqa: ANN201 - EngineConfig, imported lazily
-    args: argparse.Namespace, num_threads: int | None = None
+    args: argparse.Namespace, num_threads: int | None = None,
+    big_step_threads: int | None = None,
 ):
+    """The engine settings from the command line; `num_threads` and `big_step_threads` are
+    the command's defaults, both overridden by --num-threads."""
     from rillm.config import EngineConfig
 
     return EngineConfig(
@@ -186,8 +189,7 @@ def engine_config(  # noqa: ANN201 - EngineConfig, imported lazily
         enable_prefix_caching=args.enable_prefix_caching,
         quantization=args.quantization,
         num_threads=args.num_threads or num_threads,
-        big_step_threads=(None if args.num_threads or not num_threads
-                          else len(os.sched_getaffinity(0))),
+        big_step_threads=None if args.num_threads else big_step_threads,
     )
 
 
@@ -198,7 +200,12 @@ def serving_threads(device: str) -> int | None:
     serves 1.4x the tokens/s of 2 at concurrency 1."""
     if device != "cpu":
         return None
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    return max(1, _cores() - 1)
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -270,7 +277,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         if model is not None and not os.path.exists(model):
             raise ValueError(f"{model}: model path does not exist")
-        config = engine_config(args, num_threads=serving_threads(args.device))
+        threads = serving_threads(args.device)
+        config = engine_config(args, num_threads=threads,
+                               big_step_threads=None if threads is None else _cores())
         template = args.chat_template
         if template is not None and os.path.isfile(template):
             with open(template, encoding="utf-8") as f:

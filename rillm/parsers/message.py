@@ -22,6 +22,11 @@ class MessageDelta:
     def __bool__(self) -> bool:
         return bool(self.reasoning or self.content or self.tool_calls)
 
+    def then(self, later: MessageDelta) -> MessageDelta:
+        """This delta followed by `later`, as one."""
+        return MessageDelta(self.reasoning + later.reasoning, self.content + later.content,
+                            self.tool_calls + later.tool_calls)
+
 
 class MessageParser:
     def __init__(self, reasoning: ReasoningParser | None, tools: ToolCallParser | None) -> None:
@@ -55,9 +60,7 @@ class MessageParser:
 
 def parse_whole(parser: MessageParser, text: str) -> MessageDelta:
     """A whole output at once (non-streaming): the same split as streaming it."""
-    first, last = parser.feed(text), parser.finish()
-    return MessageDelta(first.reasoning + last.reasoning, first.content + last.content,
-                        first.tool_calls + last.tool_calls)
+    return parser.feed(text).then(parser.finish())
 
 
 def count_reasoning_tokens(token_ids: Sequence[int], decode: Callable[[Sequence[int]], str],

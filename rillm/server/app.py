@@ -151,6 +151,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     @app.post("/tokenize", dependencies=secured)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         from rillm.server.chat import render_chat
+        from rillm.server.chat_output import template_kwargs
 
         engine = state.ready_engine()
         state.check_model(body.model)
@@ -158,10 +159,9 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            kwargs = {**state.config.default_chat_template_kwargs,
-                      **(body.chat_template_kwargs or {})}
             text = render_chat(state, engine, body.messages, body.add_generation_prompt,
-                               body.chat_template, body.tools, kwargs)
+                               body.chat_template, body.tools,
+                               template_kwargs(state.config, body))
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)

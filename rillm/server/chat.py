@@ -217,7 +217,7 @@ async def _chat_stream(generation: Generation, interval: int, plan: ChatOutputPl
                 parser = parsers[piece.index]
                 message = parser.feed(piece.text)
                 if finish_reason is not None:
-                    message = _joined(message, parser.finish())
+                    message = message.then(parser.finish())
                     if parser.tool_calls:
                         finish_reason = _tool_finish(finish_reason)
                 delta = _delta(message, plan)
@@ -240,7 +240,3 @@ async def _chat_stream(generation: Generation, interval: int, plan: ChatOutputPl
         yield error_event(exc)
     yield DONE
 
-
-def _joined(first: MessageDelta, second: MessageDelta) -> MessageDelta:
-    return MessageDelta(first.reasoning + second.reasoning, first.content + second.content,
-                        first.tool_calls + second.tool_calls)

@@ -15,7 +15,7 @@ from rillm.parsers.tool_calls import make_tool_parser
 from rillm.sampling_params import InvalidParameterError
 from rillm.server.config import ServerConfig
 from rillm.server.errors import APIError
-from rillm.server.protocol import ChatCompletionRequest, NamedToolChoice, Tool
+from rillm.server.protocol import ChatCompletionRequest, NamedToolChoice, TokenizeRequest, Tool
 from rillm.structured_outputs import StructuredOutputsParams
 
 
@@ -34,18 +34,17 @@ class ChatOutputPlan:
     @property
     def parses(self) -> bool:
         """Does the output need parsing at all (otherwise every delta is plain content)?"""
-        return self.reasoning_factory() is not None or self.tool_parser is not None
+        return self.reasoning_parser is not None or self.tool_parser is not None
 
     def reasoning_factory(self) -> Callable[[], ReasoningParser] | None:
+        """Fresh reasoning parsers for this output's choices; None: no reasoning parsing."""
         name = self.reasoning_parser
         if name is None:
-            return None
-        if make_reasoning_parser(name, self.prompt_text, self.template_kwargs or {}) is None:
             return None
 
         def factory() -> ReasoningParser:
             parser = make_reasoning_parser(name, self.prompt_text, self.template_kwargs or {})
-            assert parser is not None
+            assert parser is not None  # plan_chat_output keeps only parsers that apply
             return parser
 
         return factory
@@ -57,7 +56,9 @@ class ChatOutputPlan:
         return MessageParser(factory() if factory is not None else None, tools)
 
 
-def template_kwargs(config: ServerConfig, body: ChatCompletionRequest) -> dict[str, Any]:
+def template_kwargs(config: ServerConfig, body: ChatCompletionRequest | TokenizeRequest
+                    ) -> dict[str, Any]:
+    """The request's chat_template_kwargs over the server's defaults."""
     return {**config.default_chat_template_kwargs, **(body.chat_template_kwargs or {})}
 
 
@@ -68,7 +69,10 @@ def plan_chat_output(config: ServerConfig, body: ChatCompletionRequest, prompt_t
     choice = _tool_choice(config, body)
     parallel = body.parallel_tool_calls is not False
     tools = body.tools or []
-    plan = ChatOutputPlan(config.reasoning_parser, prompt_text, kwargs,
+    reasoning = config.reasoning_parser
+    if reasoning is not None and make_reasoning_parser(reasoning, prompt_text, kwargs) is None:
+        reasoning = None  # this output cannot think (qwen3 with enable_thinking false)
+    plan = ChatOutputPlan(reasoning, prompt_text, kwargs,
                           parallel_tool_calls=parallel, include_reasoning=body.include_reasoning)
     if choice == "none":
         return plan, response_constraint
