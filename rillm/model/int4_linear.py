@@ -13,10 +13,11 @@ activations. Both GGUF formats of the default model map onto it:
 The only loss against the dequantized float32 weights is d and m rounded to bfloat16 and the
 activations rounded to bfloat16 at the kernel's input (bench/perplexity.py measures it).
 
-The kernel unpacks the weights on every call, so it wins only while reading them from memory is
-the cost: up to about 8 rows (decodes of up to 8 requests) it is 2-4x faster than a bfloat16
-matmul; at 32 rows it is 1.5x slower. Above `MAX_INT4_ROWS` rows a dense bfloat16 copy of the
-dequantized weights is used instead (prefill, large decode batches).
+The kernel unpacks the weights on every call, so its cost grows with every row: it wins while
+reading the weights from memory is the cost, a quarter of the bytes of bfloat16. Above
+`MAX_INT4_ROWS` rows a bfloat16 copy of the dequantized weights is used instead, packed once for
+oneDNN (`torch.ops.mkldnn._reorder_linear_weight`): packed, a bfloat16 matmul skips the
+per-call reorder of the weights that `F.linear` does, and is 1.1-2x faster than it at 6-128 rows.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from torch import nn
 GROUP_SIZE = 32
 """Weights per (scale, zero) pair: both GGUF block formats used here hold 32."""
 _INNER_K_TILES = 2
-MAX_INT4_ROWS = 12
-"""Inputs with more rows than this use the dense bfloat16 weights (measured crossover: ~16)."""
+MAX_INT4_ROWS = 4
+"""Inputs with more rows than this use the packed bfloat16 weights. Measured crossover (one
+thread, AVX-512 BF16, weights cold in cache as in a real step): 4-6 rows for every matrix of the
+default model, the 49152-row lm_head included."""
 
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 """The overload itself: calling the packet resolves it again on every call (~5 µs, 121 calls a
 decode step)."""
+_PACKED_MM = torch.ops.mkldnn._linear_pointwise.default
 
 Q4_1 = "Q4_1"
 Q8_0 = "Q8_0"
@@ -85,9 +89,9 @@ def int4_weights(blocks: GGUFBlocks) -> tuple[torch.Tensor, torch.Tensor, int]:
 class Int4Linear(nn.Module):
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
-    dense: torch.Tensor
 
-    """`y = x W^T (+ b)` with W held as packed int4 groups; x of any float dtype, y in x's dtype.
+    """`y = x W^T (+ b)` with W held as packed int4 groups (for inputs of up to `max_int4_rows`
+    rows) and as oneDNN-packed bfloat16 (above); x of any float dtype, y in x's dtype.
 
     Several GGUF matrices with the same input (Q, K and V; gate and up) may be packed into one
     by concatenating their rows: one kernel call instead of several."""
@@ -101,32 +105,47 @@ class Int4Linear(nn.Module):
     ) -> None:
         """`dense`: the dequantized weights `[out, in]` (any float dtype; kept as bfloat16)."""
         super().__init__()
+        self.in_features = parts[0].shape[1]
+        self.out_features = dense.shape[0]
+        self.max_int4_rows = max_int4_rows
         converted = [int4_weights(p) for p in parts]
         widths = {k for _, _, k in converted}
         if len(widths) != 1:
             raise ValueError("packed matrices must share one quantized input width")
         q = torch.cat([c[0] for c in converted], dim=0)
-        scales = torch.cat([c[1] for c in converted], dim=1)
-        self.in_features = parts[0].shape[1]
-        self.out_features = q.shape[0]
+        if q.shape[0] != self.out_features:
+            raise ValueError("the blocks and the dense weights differ in rows")
         self.duplicate_input = widths.pop() != self.in_features  # Q8_0: the input fed twice
-        self.register_buffer(
-            "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
-        )
-        self.register_buffer("scales_and_zeros", scales.to(torch.bfloat16))
-        self.register_buffer("dense", dense.to(torch.bfloat16, copy=True).contiguous())
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
+        self.scales_and_zeros = torch.cat([c[1] for c in converted], dim=1).bfloat16()
+        self.dense = BFloat16Weight(dense)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.max_int4_rows = max_int4_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if x2.shape[0] > self.max_int4_rows:
-            y = F.linear(x2, self.dense).to(x.dtype)
+            y = self.dense(x2)
         else:
             if self.duplicate_input:
                 x2 = torch.cat((x2, x2), dim=-1)
-            y = _INT4_MM(x2, self.packed, GROUP_SIZE, self.scales_and_zeros).to(x.dtype)
+            y = _INT4_MM(x2, self.packed, GROUP_SIZE, self.scales_and_zeros)
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
+
+
+class BFloat16Weight:
+    """A CPU weight `[out, in]` in bfloat16, packed once into oneDNN's blocked layout where
+    PyTorch has oneDNN (plain otherwise); called on a 2-D bfloat16 input `[rows, in]`."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        plain = weight.to(torch.bfloat16, copy=True).contiguous()
+        self.packed = torch.backends.mkldnn.is_available()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(plain) if self.packed else plain
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return _PACKED_MM(x.contiguous(), self.weight, None, "none", [], "")
+        return F.linear(x, self.weight)

@@ -31,7 +31,7 @@ def test_int4_perplexity_matches_the_dequantized_model(default_engine, exact_eng
     with open(DEFAULT_TEXT, encoding="utf-8") as f:
         tokens = smollm_tokenizer(f.read())["input_ids"]
     exact = perplexity(exact_engine, tokens, 256)
-    prefill = perplexity(default_engine, tokens, 256)  # the dense bf16 copy (>12 rows)
+    prefill = perplexity(default_engine, tokens, 256)  # the packed bf16 copy (>4 rows)
     decode = perplexity(default_engine, tokens[:240], 1)  # the int4 kernel, a token a step
     exact_decode = perplexity(exact_engine, tokens[:240], 1)
     assert abs(prefill / exact - 1) < 0.01, (prefill, exact)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rillm.model.int4_linear import Int4Linear
+from rillm.model.int4_linear import MAX_INT4_ROWS, BFloat16Weight, Int4Linear
 from rillm.model.llama import build_model
 
 NAMES = [
@@ -17,7 +17,7 @@ NAMES = [
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("rows", [1, 5, 40])  # int4 kernel, int4 kernel, dense bf16 copy
+@pytest.mark.parametrize("rows", [1, MAX_INT4_ROWS, MAX_INT4_ROWS + 1, 40])  # int4, int4, bf16, bf16
 def test_int4_linear_equals_dequantized_linear(default_loaded, name, rows):
     blocks = default_loaded.quantized[name]
     dense = default_loaded.weights[name]
@@ -29,6 +29,17 @@ def test_int4_linear_equals_dequantized_linear(default_loaded, name, rows):
     # bfloat16 activations, scales and output: ~0.4% of the output's scale.
     rel = (got - expected).norm() / expected.norm()
     assert rel < 6e-3, rel
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_packed_bfloat16_weight_equals_a_plain_bfloat16_matmul(default_loaded, rows):
+    """oneDNN's packed layout changes how the weights are read, not what is computed."""
+    dense = default_loaded.weights["model.layers.5.mlp.gate_proj.weight"].bfloat16()
+    x = torch.randn(rows, dense.shape[1], generator=torch.Generator().manual_seed(2)).bfloat16()
+    got = BFloat16Weight(dense)(x)
+    expected = torch.nn.functional.linear(x, dense)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=1e-2)
 
 
 def test_int4_weights_reproduce_the_blocks_exactly(default_loaded):
