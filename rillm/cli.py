@@ -164,17 +164,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "GGUF's Q4_1/Q8_0 weights as they are; none: dequantize them (the exact, "
                         "batch-invariant reference)")
     parser.add_argument("--num-threads", type=int, default=None,
-                        help="torch threads for the model (default: all cores; for "
-                        "`serve` on a CPU, all cores but one for decode steps and all for "
-                        "prefill steps)")
+                        help="torch threads for the model's steps (default: all cores)")
 
 
-def engine_config(  # noqa: ANN201 - EngineConfig, imported lazily
-    args: argparse.Namespace, num_threads: int | None = None,
-    big_step_threads: int | None = None,
-):
-    """The engine settings from the command line; `num_threads` and `big_step_threads` are
-    the command's defaults, both overridden by --num-threads."""
+def engine_config(args: argparse.Namespace):  # noqa: ANN201 - EngineConfig, imported lazily
+    """The engine settings from the command line."""
     from rillm.config import EngineConfig
 
     return EngineConfig(
@@ -188,24 +182,8 @@ def engine_config(  # noqa: ANN201 - EngineConfig, imported lazily
         kv_cache_space_gib=args.kv_cache_space,
         enable_prefix_caching=args.enable_prefix_caching,
         quantization=args.quantization,
-        num_threads=args.num_threads or num_threads,
-        big_step_threads=None if args.num_threads else big_step_threads,
+        num_threads=args.num_threads,
     )
-
-
-def serving_threads(device: str) -> int | None:
-    """Torch threads for a server's model: every core but one, which is left to the HTTP side
-    (event loop, SSE encoding). On a CPU, a model thread that must share its core stalls the
-    others at every parallel region; measured on 2 cores (BENCHMARKS.md), 1 model thread
-    serves 1.4x the tokens/s of 2 at concurrency 1."""
-    if device != "cpu":
-        return None
-    return max(1, _cores() - 1)
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0))
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -277,9 +255,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         if model is not None and not os.path.exists(model):
             raise ValueError(f"{model}: model path does not exist")
-        threads = serving_threads(args.device)
-        config = engine_config(args, num_threads=threads,
-                               big_step_threads=None if threads is None else _cores())
+        config = engine_config(args)
         template = args.chat_template
         if template is not None and os.path.isfile(template):
             with open(template, encoding="utf-8") as f:

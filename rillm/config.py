@@ -31,12 +31,8 @@ class EngineConfig:
     seed: int = 0
     """Seeds the per-request seeds of requests that bring none."""
     num_threads: int | None = None
-    """Torch intra-op threads; None keeps torch's default (all cores)."""
-    big_step_threads: int | None = None
-    """Threads for steps of at least `big_step_tokens` tokens (prefill); None: num_threads.
-    A server runs its decode steps on fewer threads than its cores (the HTTP side needs one)
-    but a prefill step is long enough to use them all."""
-    big_step_tokens: int = 64
+    """Torch intra-op threads for the model's steps, set in whichever thread runs them (torch
+    keeps the count per thread); None: every core this process may run on."""
     quantization: str = "auto"
     """What to do with a GGUF file's Q4_1 / Q8_0 matrices: "int4" keeps them quantized and
     multiplies with the CPU int4 kernel (activations in bfloat16 unless `dtype` names another),
@@ -48,7 +44,7 @@ class EngineConfig:
     exact, batch-invariant reference path."""
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "big_step_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:

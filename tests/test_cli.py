@@ -27,17 +27,3 @@ def test_bad_arguments_give_one_clear_line_not_a_traceback(tmp_path):
                                 text=True, timeout=300)
         assert result.returncode == 2
         assert expected in result.stderr and "Traceback" not in result.stderr
-
-
-def test_a_cpu_server_leaves_one_core_to_http(monkeypatch):
-    import os
-
-    from rillm.cli import serving_threads
-
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert serving_threads("cpu") == 1
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert serving_threads("cpu") == 15
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert serving_threads("cpu") == 1
-    assert serving_threads("cuda") is None

@@ -12,6 +12,7 @@ import ctypes
 import gc
 import itertools
 import logging
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,8 +55,8 @@ class _Parent:
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        threads = config.num_threads or available_cores()
+        torch.set_num_threads(threads)  # loading runs on them too
         loaded = loaded if loaded is not None else load_model(config.model)
         self.model_path = loaded.path
         self.model_config: ModelArchConfig = loaded.config
@@ -79,11 +80,8 @@ class LLMEngine:
             self.block_manager,
         )
         self.runner = ModelRunner(
-            model, loaded.config, num_blocks, config.block_size, self.dtype, device
+            model, loaded.config, num_blocks, config.block_size, self.dtype, device, threads
         )
-        if config.big_step_threads and config.num_threads:
-            self.runner.set_step_threads(config.num_threads, config.big_step_threads,
-                                         config.big_step_tokens)
         self.grammars = GrammarCompiler(
             self.tokenizer, loaded.config.vocab_size, loaded.config.eos_token_ids
         )
@@ -294,6 +292,11 @@ class LLMEngine:
                 f"({capacity} tokens); raise kv_cache_space_gib or lower max_model_len"
             )
         return config.max_model_len
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 def _return_freed_memory() -> None:

@@ -36,7 +36,10 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        threads: int | None = None,
     ) -> None:
+        """`threads`: torch threads for the steps, set in the thread that runs them (None:
+        whatever that thread has)."""
         self.model = model
         self.config = config
         self.block_size = block_size
@@ -49,21 +52,7 @@ class ModelRunner:
             for _ in range(config.num_hidden_layers)
         ]
         self.sampler = Sampler()
-        self._step_threads: tuple[int, int, int] | None = None
-        self._threads = torch.get_num_threads()
-
-    def set_step_threads(self, small: int, big: int, big_step_tokens: int) -> None:
-        """Run steps of at least `big_step_tokens` tokens on `big` threads, others on `small`."""
-        self._step_threads = (small, big, big_step_tokens)
-
-    def _use_threads(self, num_tokens: int) -> None:
-        if self._step_threads is None:
-            return
-        small, big, threshold = self._step_threads
-        threads = big if num_tokens >= threshold else small
-        if threads != self._threads:
-            torch.set_num_threads(threads)
-            self._threads = threads
+        self.threads = threads
 
     @torch.inference_mode()
     def forward(
@@ -71,8 +60,9 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Run the model on the step, writing its K/V into the cache. Logits [N, vocab] (float32)
         of the last token of each request that samples, or of every token if `all_tokens`."""
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # a server steps in its own thread
         input_ids, positions, metadata, logits_indices = self._prepare(scheduled)
-        self._use_threads(input_ids.shape[0])
         if all_tokens:
             logits_indices = torch.arange(input_ids.shape[0], device=self.device)
         return self.model(input_ids, positions, self.caches, metadata, logits_indices)

@@ -126,3 +126,31 @@ def test_slow_consumer_gets_every_token_merged(engine, smollm_tokenizer):
     assert sum(len(d.outputs[0].token_ids) for d in deltas) == GREEDY.max_tokens
     assert len(deltas) < GREEDY.max_tokens
     wait_idle(engine)
+
+
+def test_a_model_built_by_a_factory_is_built_on_the_thread_that_steps_it(make_engine,
+                                                                         smollm_tokenizer):
+    import threading
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return make_engine()
+
+    async_engine = AsyncEngine(build)
+    try:
+        assert built_on == ["rillm-engine"]
+        ids = chat_ids(smollm_tokenizer, "Hi")
+        deltas = asyncio.run(collect(async_engine, ids, GREEDY, "f"))
+        assert deltas[-1].finished
+    finally:
+        async_engine.shutdown()
+
+
+def test_a_factory_that_fails_raises_from_the_constructor():
+    def build():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine(build)

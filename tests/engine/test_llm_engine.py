@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -156,17 +158,25 @@ def test_finished_status_names_match_openai_finish_reasons():
     assert RequestStatus.RUNNING.finish_reason is None
 
 
-def test_prefill_steps_use_the_big_step_threads(make_engine, prompt):
+def test_steps_run_on_the_engines_threads_in_whichever_thread_steps(make_engine, prompt):
+    """Torch keeps its thread count per thread: an engine stepped from a thread other than the
+    one that built it still runs on its own count, and leaves other threads' alone."""
     before = torch.get_num_threads()
+    seen = []
     try:
-        engine = make_engine(num_threads=1, big_step_threads=2, big_step_tokens=16)
-        assert len(prompt) >= 16
-        engine.add_request("t", prompt, SamplingParams(max_tokens=3))
-        engine.step()  # the prompt: one big step
-        assert torch.get_num_threads() == 2
-        engine.step()  # one decode token
+        engine = make_engine(num_threads=2)
+        torch.set_num_threads(1)  # new threads start from this count
+
+        def step_thread() -> None:
+            engine.add_request("t", prompt, SamplingParams(max_tokens=2))
+            while engine.has_unfinished_requests():
+                engine.step()
+            seen.append(torch.get_num_threads())
+
+        thread = threading.Thread(target=step_thread)
+        thread.start()
+        thread.join()
+        assert seen == [2]
         assert torch.get_num_threads() == 1
-        while engine.has_unfinished_requests():
-            engine.step()
     finally:
         torch.set_num_threads(before)
