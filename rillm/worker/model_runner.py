@@ -166,6 +166,12 @@ class ModelRunner:
         tables = block_tables[rows, :num_blocks]
         slots = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten()
         mask_bias = None
+        # One decoding sequence: its keys are exactly its first slots, and the fused kernel
+        # needs no mask. Not in float32, the batch-invariant path: there every decode row
+        # takes the same kernel whatever else is in the batch.
+        unmasked = q_len == 1 and len(rows) == 1 and self.dtype != torch.float32
+        if unmasked:
+            slots = slots[: int(starts[0]) + 1]
         if q_len == 1:
             mask_bias = torch.zeros(mask.shape[0], key_pos.shape[0], dtype=self.dtype)
             mask_bias.masked_fill_(~mask[:, 0, 0], float("-inf"))
@@ -178,6 +184,7 @@ class ModelRunner:
             mask=mask.to(device),
             slots=slots.to(device),
             mask_bias=mask_bias,
+            unmasked=unmasked,
         )
 
 

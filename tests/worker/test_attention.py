@@ -58,3 +58,24 @@ def test_paged_attention_matches_dense(dtype, q_len):
     for b, (k, v) in enumerate(seq_kv):
         expected = reference(qs[b].float(), k.float(), v.float(), DIM**-0.5)
         torch.testing.assert_close(out[index[b]].float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("decode_only", [True, False])
+def test_a_single_decoding_sequence_attends_all_its_keys_unmasked(decode_only):
+    """One sequence's decode query, its slots exactly its keys (the fused-kernel path), alone
+    or beside a prefill group in a mixed step."""
+    gen = torch.Generator().manual_seed(3)
+    dtype, length, table = torch.bfloat16, 11, [4, 8, 2]
+    cache = KVCache(16, BLOCK, KV_HEADS, DIM, dtype, torch.device("cpu"))
+    k = torch.randn(length, KV_HEADS, DIM, generator=gen).to(dtype)
+    v = torch.randn(length, KV_HEADS, DIM, generator=gen).to(dtype)
+    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)])
+    cache.write(slots, k, v)
+    q = torch.randn(1, HEADS, DIM, generator=gen).to(dtype)
+    group = AttentionGroup(torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1, dtype=torch.bool),
+                           torch.tensor([table]), torch.ones(1, 1, 1, length, dtype=torch.bool),
+                           slots, unmasked=True)
+    metadata = AttentionMetadata(torch.zeros(0, dtype=torch.int64), (group,), decode_only)
+    out = paged_attention(q, cache, metadata, scale=DIM**-0.5)
+    expected = reference(q.float(), k.float(), v.float(), DIM**-0.5)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
