@@ -294,7 +294,15 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from rillm.bench.serve import Target, Workload, make_prompts, plot, run_benchmark, table
+    from rillm.bench.serve import (
+        Target,
+        Workload,
+        make_prompts,
+        plot,
+        prompts_needed,
+        run_benchmark,
+        table,
+    )
     from rillm.bench.serve import to_json as results_json
 
     console = Console(stderr=True)
@@ -317,12 +325,12 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     def per_level(concurrency: int) -> int:
         return args.num_prompts or max(8, 4 * concurrency)
 
-    num_prompts = max(per_level(c) for c in args.concurrency)
-    with console.status("loading the tokenizer"):
-        tokenizer = _bench_tokenizer(args.tokenizer)
-    prompts = make_prompts(tokenizer, workload, num_prompts)
     rates = args.request_rate or [None]
     levels = [(c, r, per_level(c)) for c in args.concurrency for r in rates]
+    with console.status("loading the tokenizer"):
+        tokenizer = _bench_tokenizer(args.tokenizer)
+    prompts = make_prompts(tokenizer, workload,
+                           prompts_needed([count for _, _, count in levels] * args.rounds))
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                   transient=True) as progress:

@@ -279,7 +279,8 @@ async def run_benchmark(targets: Sequence[Target], workload: Workload, prompts: 
                         warmup: int = 1, progress: Any = None, timeout: float = 600.0
                         ) -> list[LevelResult]:
     """Every (concurrency, request rate, number of requests) level on every server,
-    interleaved; a level sends the first `number` prompts."""
+    interleaved. Each level of each round sends its own prompts (`prompts_needed` of them in
+    all; see `level_prompts`), the same ones to every server."""
     results: list[LevelResult] = []
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
@@ -288,8 +289,11 @@ async def run_benchmark(targets: Sequence[Target], workload: Workload, prompts: 
             for prompt in prompts[:warmup]:
                 await send(client, target, models[target.name], workload, prompt)
         order = list(targets)
+        slices = iter(level_prompts(prompts, [count for _, _, count in levels] * rounds,
+                                    warmup))
         for _ in range(rounds):
             for concurrency, rate, count in levels:
+                sent = next(slices)
                 for target in order:
                     task = None
                     if progress is not None:
@@ -303,10 +307,27 @@ async def run_benchmark(targets: Sequence[Target], workload: Workload, prompts: 
                             progress.advance(task)
 
                     results.append(await run_level(client, target, models[target.name],
-                                                   workload, prompts[:count], concurrency,
-                                                   rate, advance))
+                                                   workload, sent, concurrency, rate, advance))
                 order = order[1:] + order[:1]
     return merge_rounds(results)
+
+
+def prompts_needed(counts: Sequence[int], warmup: int = 1) -> int:
+    return warmup + sum(counts)
+
+
+def level_prompts(prompts: Sequence[Prompt], counts: Sequence[int], warmup: int = 1
+                  ) -> list[Sequence[Prompt]]:
+    """Consecutive, disjoint slices of `prompts` after the warm-up ones, one per level run
+    (`counts` in run order), so no level repeats a prompt another level (or the warm-up) sent:
+    a server's prefix cache would answer a repeated prompt without its prefill."""
+    if len(prompts) < prompts_needed(counts, warmup):
+        raise ValueError(f"{prompts_needed(counts, warmup)} prompts needed, {len(prompts)} given")
+    slices, start = [], warmup
+    for count in counts:
+        slices.append(prompts[start:start + count])
+        start += count
+    return slices
 
 
 def merge_rounds(results: list[LevelResult]) -> list[LevelResult]:

@@ -7,7 +7,17 @@ import math
 import subprocess
 import sys
 
-from rillm.bench.serve import RequestResult, Workload, make_prompts, stats_ms, summarize
+import pytest
+
+from rillm.bench.serve import (
+    RequestResult,
+    Workload,
+    level_prompts,
+    make_prompts,
+    prompts_needed,
+    stats_ms,
+    summarize,
+)
 from tests.live_server import free_port
 
 
@@ -41,7 +51,7 @@ def test_two_servers_side_by_side_with_json_and_plot(server, tmp_path):
 def test_chat_endpoint_conversations_and_request_rate(server):
     run = bench("--server", server.v1, "--endpoint", "chat", "--dataset", "conversations",
                 "--natural-length", "--output-len", "16", "--concurrency", "2",
-                "--request-rate", "4", "--num-prompts", "4")
+                "--request-rate", "4", "--num-prompts", "4", "--rounds", "2")
     assert run.returncode == 0, run.stderr
     assert "4/0" in run.stdout
 
@@ -60,6 +70,18 @@ def test_prompts_have_the_requested_length(smollm_tokenizer):
     assert all(abs(p.num_tokens - 64) <= 6 for p in prompts)
     fixed = make_prompts(smollm_tokenizer, Workload(dataset="fixed", input_len=32), 3)
     assert len({p.text for p in fixed}) == 1
+
+
+def test_no_level_or_round_resends_a_prompt(smollm_tokenizer):
+    """A repeated prompt would meet the server's prefix cache and skip its prefill."""
+    counts = [8, 32, 128] * 3  # three levels, three rounds
+    prompts = make_prompts(smollm_tokenizer, Workload(input_len=16), prompts_needed(counts))
+    slices = level_prompts(prompts, counts)
+    assert [len(s) for s in slices] == counts
+    sent = [p.text for s in slices for p in s] + [prompts[0].text]  # and the warm-up
+    assert len(set(sent)) == len(sent) == len(prompts)
+    with pytest.raises(ValueError, match="prompts needed"):
+        level_prompts(prompts[:-1], counts)
 
 
 def test_percentiles_interpolate_like_numpy():
