@@ -38,10 +38,10 @@ class EngineConfig:
     multiplies with the CPU int4 kernel (activations in bfloat16 unless `dtype` names another),
     "none" dequantizes them to `dtype`; "auto" (the default) is "int4" when dtype is auto and
     the device the CPU, else "none". Perplexity matches the dequantized float32 model
-    (BENCHMARKS.md). Above 4 rows int4 hands over to a bfloat16 copy of the same weights packed
-    for oneDNN (prefill, decode batches of 5+), and bfloat16 rounding depends on the kernels' blocking, so
-    unlike "none" a request's greedy tokens can differ alone and in a batch; "none" is the
-    exact, batch-invariant reference path."""
+    (BENCHMARKS.md). Above 4 rows int4 hands over to a bfloat16 copy of the same weights
+    packed for oneDNN (prefill, decode batches of 5+), and bfloat16 rounding depends on the
+    kernels' blocking, so unlike "none" a request's greedy tokens can differ alone and in a
+    batch; "none" is the exact, batch-invariant reference path."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

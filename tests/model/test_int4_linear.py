@@ -17,7 +17,8 @@ NAMES = [
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("rows", [1, MAX_INT4_ROWS, MAX_INT4_ROWS + 1, 40])  # int4, int4, bf16, bf16
+# The int4 kernel up to MAX_INT4_ROWS rows, the packed bf16 copy above.
+@pytest.mark.parametrize("rows", [1, MAX_INT4_ROWS, MAX_INT4_ROWS + 1, 40])
 def test_int4_linear_equals_dequantized_linear(default_loaded, name, rows):
     blocks = default_loaded.quantized[name]
     dense = default_loaded.weights[name]
