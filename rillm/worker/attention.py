@@ -38,7 +38,8 @@ class AttentionGroup:
     slots: torch.Tensor
     """[B * max_blocks * block_size] the cache slots of each sequence's keys, back to back."""
     mask_bias: torch.Tensor | None = None
-    """Decode groups (Q = 1): `mask` as [1, B, 1, keys] additive 0 / -inf in the model's dtype."""
+    """Decode groups (Q = 1) but `unmasked` ones: `mask` as [1, B, 1, keys] additive 0 / -inf in
+    the model's dtype."""
     unmasked: bool = False
     """One sequence's single decode query, with `slots` exactly its keys: nothing to mask."""
 

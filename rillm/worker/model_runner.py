@@ -135,7 +135,7 @@ class ModelRunner:
                 groups.append(
                     self._group(rows, num_new[rows], starts[rows], offsets[rows], block_tables)
                 )
-        decode_only = len(groups) == 1 and groups[0].mask_bias is not None
+        decode_only = len(groups) == 1 and groups[0].token_index.shape[1] == 1
         metadata = AttentionMetadata(slot_mapping.to(device), tuple(groups), decode_only)
         samples = torch.tensor([s.samples for s in scheduled], dtype=torch.bool)
         logits_indices = (ends - 1)[samples]
@@ -172,7 +172,7 @@ class ModelRunner:
         unmasked = q_len == 1 and len(rows) == 1 and self.dtype != torch.float32
         if unmasked:
             slots = slots[: int(starts[0]) + 1]
-        if q_len == 1:
+        elif q_len == 1:
             mask_bias = torch.zeros(mask.shape[0], key_pos.shape[0], dtype=self.dtype)
             mask_bias.masked_fill_(~mask[:, 0, 0], float("-inf"))
             mask_bias = mask_bias[None, :, None, :].to(self.device)
