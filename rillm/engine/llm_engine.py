@@ -25,6 +25,7 @@ from rillm.core.request import Request, RequestStatus
 from rillm.core.scheduler import Scheduler, SchedulerConfig
 from rillm.engine.detokenizer import IncrementalDetokenizer
 from rillm.engine.grammar import GrammarCompiler
+from rillm.kernels import load_cpu_kernels
 from rillm.loader import LoadedModel, load_model
 from rillm.model.config import ModelArchConfig
 from rillm.model.llama import build_model
@@ -79,8 +80,10 @@ class LLMEngine:
             ),
             self.block_manager,
         )
+        decode_kernel = device.type == "cpu" and config.cpu_kernels and load_cpu_kernels()
         self.runner = ModelRunner(
-            model, loaded.config, num_blocks, config.block_size, self.dtype, device, threads
+            model, loaded.config, num_blocks, config.block_size, self.dtype, device, threads,
+            decode_kernel,
         )
         self.grammars = GrammarCompiler(
             self.tokenizer, loaded.config.vocab_size, loaded.config.eos_token_ids

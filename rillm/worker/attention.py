@@ -14,6 +14,11 @@ softmax, 2-3x faster than the fused CPU kernel for a batch of 1-query rows), pre
 a view of it to `scaled_dot_product_attention`. A step that decodes a single sequence gathers
 exactly its keys and takes the fused kernel without a mask (2x faster than the matmuls there;
 not in float32, whose decode rows keep one kernel whatever the batch).
+
+On the CPU, where rillm's C++ kernels are built (rillm/kernels), decode groups skip the gather:
+`torch.ops.rillm.paged_decode_attention` walks each sequence's block table and reads its keys
+and values in the cache, in float32 arithmetic, with no padding and no mask (1.5-4x faster than
+gather + matmuls; exact to float32 rounding, and each row's result independent of the batch).
 """
 
 from __future__ import annotations
@@ -33,15 +38,20 @@ class AttentionGroup:
     """[B, Q] bool, False on padding."""
     block_tables: torch.Tensor
     """[B, max_blocks] cache blocks of each sequence (padding: 0)."""
-    mask: torch.Tensor
-    """[B, 1, Q, max_blocks * block_size] bool, True where a query may attend a key."""
-    slots: torch.Tensor
-    """[B * max_blocks * block_size] the cache slots of each sequence's keys, back to back."""
+    mask: torch.Tensor | None
+    """[B, 1, Q, max_blocks * block_size] bool, True where a query may attend a key (None
+    where `context_lens` is set)."""
+    slots: torch.Tensor | None
+    """[B * max_blocks * block_size] the cache slots of each sequence's keys, back to back
+    (None where `context_lens` is set)."""
     mask_bias: torch.Tensor | None = None
     """Decode groups (Q = 1) but `unmasked` ones: `mask` as [1, B, 1, keys] additive 0 / -inf in
     the model's dtype."""
     unmasked: bool = False
     """One sequence's single decode query, with `slots` exactly its keys: nothing to mask."""
+    context_lens: torch.Tensor | None = None
+    """Decode groups that the C++ kernel reads the cache for: [B] int64 keys of each sequence
+    (its `block_tables` contiguous); nothing is gathered."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,9 @@ def paged_attention(
     group_size = num_heads // num_kv_heads
     if metadata.decode_only:
         (group,) = metadata.groups
+        if group.context_lens is not None:
+            return _kernel_decode_attention(q, cache, group, scale)
+        assert group.slots is not None
         k, v = cache.gather(group.slots, num_tokens)
         if group.unmasked:
             return _single_decode_attention(q, k, v, scale)
@@ -117,6 +130,11 @@ def paged_attention(
     out = q.new_empty(num_tokens, num_heads * dim)
     for group in metadata.groups:  # at most two: decodes and prefills
         batch, q_len = group.token_index.shape
+        if group.context_lens is not None:
+            row = group.token_index[:, 0]
+            out[row] = _kernel_decode_attention(q[row], cache, group, scale)
+            continue
+        assert group.slots is not None and group.mask is not None
         k, v = cache.gather(group.slots, batch)  # [Hkv, B, L, D]
         if group.unmasked:
             row = group.token_index[:, 0]
@@ -138,6 +156,15 @@ def paged_attention(
         og = og.reshape(batch, q_len, num_heads * dim)
         out[group.token_index[group.valid]] = og[group.valid]
     return out
+
+
+def _kernel_decode_attention(
+    q: torch.Tensor, cache: KVCache, group: AttentionGroup, scale: float
+) -> torch.Tensor:
+    """q: [B, H, D], one query per sequence -> [B, H * D], by the C++ kernel (rillm/kernels)."""
+    return torch.ops.rillm.paged_decode_attention(
+        q, cache.key, cache.value, group.block_tables, group.context_lens, cache.block_size, scale
+    )
 
 
 def _single_decode_attention(

@@ -37,9 +37,11 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         threads: int | None = None,
+        decode_kernel: bool = False,
     ) -> None:
         """`threads`: torch threads for the steps, set in the thread that runs them (None:
-        whatever that thread has)."""
+        whatever that thread has). `decode_kernel`: decode attention by rillm's C++ kernel
+        (CPU; the caller has loaded it, see rillm/kernels)."""
         self.model = model
         self.config = config
         self.block_size = block_size
@@ -53,6 +55,7 @@ class ModelRunner:
         ]
         self.sampler = Sampler()
         self.threads = threads
+        self.decode_kernel = decode_kernel
 
     @torch.inference_mode()
     def forward(
@@ -158,12 +161,22 @@ class ModelRunner:
         step = torch.arange(q_len)
         valid = step[None, :] < num_new[:, None]
         token_index = torch.where(valid, offsets[:, None] + step[None, :], 0)
+        num_blocks = -(-int((starts + num_new).max()) // self.block_size)
+        tables = block_tables[rows, :num_blocks]
+        device = self.device
+        if q_len == 1 and self.decode_kernel:  # it reads the cache by block table: no mask
+            return AttentionGroup(
+                token_index=token_index.to(device),
+                valid=valid.to(device),
+                block_tables=tables.contiguous().to(device),
+                mask=None,
+                slots=None,
+                context_lens=(starts + 1).to(device),
+            )
         # Padding queries look at key 0 only, so no softmax row is empty.
         query_pos = torch.where(valid, starts[:, None] + step[None, :], 0)
-        num_blocks = -(-int((starts + num_new).max()) // self.block_size)
         key_pos = torch.arange(num_blocks * self.block_size)
         mask = (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
-        tables = block_tables[rows, :num_blocks]
         slots = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten()
         mask_bias = None
         # One decoding sequence: its keys are exactly its first slots, and the fused kernel
@@ -176,7 +189,6 @@ class ModelRunner:
             mask_bias = torch.zeros(mask.shape[0], key_pos.shape[0], dtype=self.dtype)
             mask_bias.masked_fill_(~mask[:, 0, 0], float("-inf"))
             mask_bias = mask_bias[None, :, None, :].to(self.device)
-        device = self.device
         return AttentionGroup(
             token_index=token_index.to(device),
             valid=valid.to(device),

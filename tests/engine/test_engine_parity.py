@@ -26,16 +26,38 @@ def reference(default_reference):
     return default_reference
 
 
-def test_greedy_tokens_equal_transformers(exact_engine, smollm_tokenizer, reference):
-    prompts = {f"q{i}": chat_ids(smollm_tokenizer, q) for i, q in enumerate(QUESTIONS)}
-    ours = run(exact_engine, prompts, SamplingParams(temperature=0, max_tokens=64,
-                                                       ignore_eos=True))
-    for request_id, ids in prompts.items():
+@pytest.fixture(scope="module")
+def reference_tokens(reference, smollm_tokenizer):
+    """transformers' 64 greedy tokens for each question."""
+    tokens = {}
+    for i, question in enumerate(QUESTIONS):
+        ids = chat_ids(smollm_tokenizer, question)
         with torch.no_grad():
-            expected = reference.generate(
+            tokens[f"q{i}"] = reference.generate(
                 torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
                 pad_token_id=smollm_tokenizer.eos_token_id,
             )[0, len(ids):].tolist()
+    return tokens
+
+
+def test_greedy_tokens_equal_transformers(exact_engine, smollm_tokenizer, reference_tokens):
+    assert exact_engine.runner.decode_kernel  # the C++ decode attention, built on this machine
+    prompts = {f"q{i}": chat_ids(smollm_tokenizer, q) for i, q in enumerate(QUESTIONS)}
+    ours = run(exact_engine, prompts, SamplingParams(temperature=0, max_tokens=64,
+                                                       ignore_eos=True))
+    for request_id, expected in reference_tokens.items():
+        assert list(ours[request_id].outputs[0].token_ids) == expected, request_id
+
+
+def test_the_pytorch_attention_path_also_equals_transformers(make_engine, smollm_tokenizer,
+                                                            reference_tokens):
+    """Without the C++ kernels (no compiler, a GPU, --no-cpu-kernels) decode attention gathers
+    the cache and multiplies in PyTorch: the same greedy tokens."""
+    engine = make_engine(quantization="none", cpu_kernels=False)
+    assert not engine.runner.decode_kernel
+    prompts = {f"q{i}": chat_ids(smollm_tokenizer, q) for i, q in enumerate(QUESTIONS)}
+    ours = run(engine, prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    for request_id, expected in reference_tokens.items():
         assert list(ours[request_id].outputs[0].token_ids) == expected, request_id
 
 

@@ -1,0 +1,126 @@
+"""rillm's C++ CPU kernels: compiled once for this machine, cached, loaded as `torch.ops.rillm`.
+
+One kernel so far, `paged_decode_attention` (csrc/paged_attention.cpp): decode attention that
+reads the paged KV cache where it lies instead of gathering it into a padded batch.
+
+The source is compiled with the machine's C++ compiler against the installed torch's headers
+(`-march=native`: the CPU's own vector instructions) into `~/.cache/rillm/kernels/`, named by a
+hash of the source, the flags, torch's and Python's versions and the CPU's feature flags, so a
+change to any of them builds anew and a home directory shared by different machines never loads
+a binary built for another CPU. A build takes ~10 s; `make install` (and `python -m
+rillm.kernels`) does it ahead of the first `rillm serve`. Where there is no compiler or the build
+fails, `load_cpu_kernels` says why in the log and returns False: the engine then runs the pure
+PyTorch path, which gives the same results to rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCES = (Path(__file__).parent / "csrc" / "paged_attention.cpp",)
+CXX_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    # Let the compiler reassociate float sums (vector reductions, fused multiply-adds); each
+    # row's arithmetic still does not depend on the rest of the batch. No -ffast-math: the
+    # kernel relies on infinities.
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+    "-ffp-contract=fast",
+)
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "rillm" / "kernels"
+
+
+@functools.cache
+def load_cpu_kernels(cache_dir: Path | None = None) -> bool:
+    """Build the kernels if this machine has no cached build, and load them. True if
+    `torch.ops.rillm` now has them; False (logged) where they cannot be built or loaded."""
+    try:
+        library = _build(cache_dir or default_cache_dir())
+        # A process registers the `rillm` op namespace once: loading a second copy aborts it.
+        if not _registered():
+            torch.ops.load_library(str(library))
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
+        logger.warning("rillm's C++ CPU kernels are unavailable, using the PyTorch path: %s",
+                       error)
+        return False
+    return True
+
+
+def _registered() -> bool:
+    try:
+        torch.ops.rillm.paged_decode_attention  # noqa: B018 - the lookup is the check
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _build(cache_dir: Path) -> Path:
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise OSError("no C++ compiler (c++ or g++) on PATH")
+    flags = [*CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    library = cache_dir / f"rillm_kernels_{_build_key(flags)}.so"
+    if library.exists():
+        return library
+    from torch.utils import cpp_extension  # 0.1 s of imports (setuptools): only to build
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    includes = [f for path in cpp_extension.include_paths() for f in ("-isystem", path)]
+    libraries = [f"-L{path}" for path in cpp_extension.library_paths()]
+    # Build beside the target and rename: a concurrent build or a crash never leaves a
+    # half-written library under the final name.
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=cache_dir)
+    os.close(handle)
+    logger.info("compiling rillm's C++ CPU kernels into %s (once for this machine)", cache_dir)
+    try:
+        subprocess.run(
+            [compiler, *flags, *includes, *map(str, SOURCES), "-o", partial, *libraries,
+             "-lc10", "-ltorch_cpu"],
+            check=True, capture_output=True, text=True,
+        )
+        os.replace(partial, library)
+    except subprocess.CalledProcessError as error:
+        raise RuntimeError(f"compiling failed: {error.stderr.strip()[-2000:]}") from error
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return library
+
+
+def _build_key(flags: list[str]) -> str:
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    for part in (*flags, torch.__version__, sys.version, platform.machine(), _cpu_features()):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (what -march=native compiled for), where Linux tells them."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
