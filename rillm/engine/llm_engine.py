@@ -80,10 +80,10 @@ class LLMEngine:
             ),
             self.block_manager,
         )
-        decode_kernel = device.type == "cpu" and config.cpu_kernels and load_cpu_kernels()
+        cpu_kernels = device.type == "cpu" and config.cpu_kernels and load_cpu_kernels()
         self.runner = ModelRunner(
             model, loaded.config, num_blocks, config.block_size, self.dtype, device, threads,
-            decode_kernel,
+            cpu_kernels,
         )
         self.grammars = GrammarCompiler(
             self.tokenizer, loaded.config.vocab_size, loaded.config.eos_token_ids

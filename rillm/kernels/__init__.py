@@ -1,7 +1,10 @@
 """rillm's C++ CPU kernels: compiled once for this machine, cached, loaded as `torch.ops.rillm`.
 
-One kernel so far, `paged_decode_attention` (csrc/paged_attention.cpp): decode attention that
-reads the paged KV cache where it lies instead of gathering it into a padded batch.
+- `paged_decode_attention` (csrc/paged_attention.cpp): decode attention that reads the paged KV
+  cache where it lies instead of gathering it into a padded batch;
+- `rotary_cache_write` (csrc/rotary_cache.cpp): the rotary embedding of a step's queries and
+  keys and the write of keys and values into the cache, one op instead of ~15, bit-identical
+  to the PyTorch path.
 
 The source is compiled with the machine's C++ compiler against the installed torch's headers
 (`-march=native`: the CPU's own vector instructions) into `~/.cache/rillm/kernels/`, named by a
@@ -30,7 +33,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "paged_attention.cpp",)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("paged_attention.cpp", "rotary_cache.cpp"))
 CXX_FLAGS = (
     "-O3",
     "-march=native",

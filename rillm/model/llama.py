@@ -118,16 +118,21 @@ class LlamaAttention(nn.Module):
         tokens = x.shape[0]
         heads = self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x).view(tokens, heads + self.num_kv_heads, self.head_dim)
-        cos, sin = rope
+        q, k, v = qkv[:, : self.num_heads], qkv[:, self.num_heads : heads], qkv[:, heads:]
         if self.q_norm is not None and self.k_norm is not None:
-            q = apply_rotary(self.q_norm(qkv[:, : self.num_heads]), cos, sin)
-            k = apply_rotary(self.k_norm(qkv[:, self.num_heads : heads]), cos, sin)
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        if metadata.cpu_kernels:  # rotate, and store K/V: one C++ op, the same arithmetic
+            q = torch.ops.rillm.rotary_cache_write(
+                q, k, v, cos, sin, cache.key, cache.value, metadata.slot_mapping
+            )
         else:
-            # Q and K heads side by side: one rotary pass instead of two.
-            qk = apply_rotary(qkv[:, :heads], cos, sin)
-            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        v = qkv[:, heads:]
-        cache.write(metadata.slot_mapping, k, v)
+            if self.q_norm is None:  # Q and K heads side by side: one rotary pass, not two
+                qk = apply_rotary(qkv[:, :heads], cos, sin)
+                q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            else:
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cache.write(metadata.slot_mapping, k, v)
         return self.o_proj(paged_attention(q, cache, metadata, self.scale))
 
 

@@ -62,6 +62,9 @@ class AttentionMetadata:
     decode_only: bool = False
     """Every token is one sequence's single decode query, in order: the decode group's
     queries are the flat batch itself (no gather of q, no scatter of the output)."""
+    cpu_kernels: bool = False
+    """rillm's C++ CPU kernels are loaded: the layers rotate and store K/V with
+    `torch.ops.rillm.rotary_cache_write`."""
 
 
 class KVCache:

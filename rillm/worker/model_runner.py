@@ -37,11 +37,11 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         threads: int | None = None,
-        decode_kernel: bool = False,
+        cpu_kernels: bool = False,
     ) -> None:
         """`threads`: torch threads for the steps, set in the thread that runs them (None:
-        whatever that thread has). `decode_kernel`: decode attention by rillm's C++ kernel
-        (CPU; the caller has loaded it, see rillm/kernels)."""
+        whatever that thread has). `cpu_kernels`: rotary + cache write and decode attention by
+        rillm's C++ kernels (CPU; the caller has loaded them, see rillm/kernels)."""
         self.model = model
         self.config = config
         self.block_size = block_size
@@ -55,7 +55,7 @@ class ModelRunner:
         ]
         self.sampler = Sampler()
         self.threads = threads
-        self.decode_kernel = decode_kernel
+        self.cpu_kernels = cpu_kernels
 
     @torch.inference_mode()
     def forward(
@@ -139,7 +139,9 @@ class ModelRunner:
                     self._group(rows, num_new[rows], starts[rows], offsets[rows], block_tables)
                 )
         decode_only = len(groups) == 1 and groups[0].token_index.shape[1] == 1
-        metadata = AttentionMetadata(slot_mapping.to(device), tuple(groups), decode_only)
+        metadata = AttentionMetadata(
+            slot_mapping.to(device), tuple(groups), decode_only, self.cpu_kernels
+        )
         samples = torch.tensor([s.samples for s in scheduled], dtype=torch.bool)
         logits_indices = (ends - 1)[samples]
         return (
@@ -164,7 +166,7 @@ class ModelRunner:
         num_blocks = -(-int((starts + num_new).max()) // self.block_size)
         tables = block_tables[rows, :num_blocks]
         device = self.device
-        if q_len == 1 and self.decode_kernel:  # it reads the cache by block table: no mask
+        if q_len == 1 and self.cpu_kernels:  # it reads the cache by block table: no mask
             return AttentionGroup(
                 token_index=token_index.to(device),
                 valid=valid.to(device),

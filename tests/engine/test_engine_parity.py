@@ -41,7 +41,7 @@ def reference_tokens(reference, smollm_tokenizer):
 
 
 def test_greedy_tokens_equal_transformers(exact_engine, smollm_tokenizer, reference_tokens):
-    assert exact_engine.runner.decode_kernel  # the C++ decode attention, built on this machine
+    assert exact_engine.runner.cpu_kernels  # the C++ kernels, built on this machine
     prompts = {f"q{i}": chat_ids(smollm_tokenizer, q) for i, q in enumerate(QUESTIONS)}
     ours = run(exact_engine, prompts, SamplingParams(temperature=0, max_tokens=64,
                                                        ignore_eos=True))
@@ -51,10 +51,10 @@ def test_greedy_tokens_equal_transformers(exact_engine, smollm_tokenizer, refere
 
 def test_the_pytorch_attention_path_also_equals_transformers(make_engine, smollm_tokenizer,
                                                             reference_tokens):
-    """Without the C++ kernels (no compiler, a GPU, --no-cpu-kernels) decode attention gathers
-    the cache and multiplies in PyTorch: the same greedy tokens."""
+    """Without the C++ kernels (no compiler, a GPU, --no-cpu-kernels) the rotary embedding,
+    cache write and decode attention run in PyTorch: the same greedy tokens."""
     engine = make_engine(quantization="none", cpu_kernels=False)
-    assert not engine.runner.decode_kernel
+    assert not engine.runner.cpu_kernels
     prompts = {f"q{i}": chat_ids(smollm_tokenizer, q) for i, q in enumerate(QUESTIONS)}
     ours = run(engine, prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     for request_id, expected in reference_tokens.items():
