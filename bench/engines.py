@@ -48,12 +48,12 @@ def make_engine(spec: str, loaded: LoadedModel, **options: object) -> BenchEngin
     engine = LLMEngine(config, loaded=loaded)
     if config.keep_gguf_quantization and not _engine_keeps_quantization(engine):
         # The engine does not pass the quantized blocks on yet: rebuild its runner with them.
-        model = build_model(loaded.config, loaded.weights, engine.dtype, torch.device("cpu"),
-                            quantized=loaded.quantized)
         old = engine.runner
+        model = build_model(loaded.config, loaded.weights, engine.dtype, torch.device("cpu"),
+                            quantized=loaded.quantized, cpu_kernels=old.cpu_kernels)
         num_blocks = old.caches[0].key.shape[1] // old.block_size
         engine.runner = ModelRunner(model, loaded.config, num_blocks, old.block_size,
-                                    engine.dtype, torch.device("cpu"))
+                                    engine.dtype, torch.device("cpu"), cpu_kernels=old.cpu_kernels)
     if name in EXACT:
         from rillm.model.int4_linear import Int4Linear
 

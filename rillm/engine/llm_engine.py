@@ -66,7 +66,9 @@ class LLMEngine:
         device = torch.device(config.device)
         quantized = loaded.quantized if config.keep_gguf_quantization else {}
         self.dtype = config.model_dtype(bool(quantized))
-        model = build_model(loaded.config, loaded.weights, self.dtype, device, quantized=quantized)
+        cpu_kernels = device.type == "cpu" and config.cpu_kernels and load_cpu_kernels()
+        model = build_model(loaded.config, loaded.weights, self.dtype, device, quantized=quantized,
+                            cpu_kernels=cpu_kernels)
 
         num_blocks = config.num_kv_blocks or self._blocks_for_space(config)
         capacity = num_blocks * config.block_size
@@ -80,7 +82,6 @@ class LLMEngine:
             ),
             self.block_manager,
         )
-        cpu_kernels = device.type == "cpu" and config.cpu_kernels and load_cpu_kernels()
         self.runner = ModelRunner(
             model, loaded.config, num_blocks, config.block_size, self.dtype, device, threads,
             cpu_kernels,

@@ -4,7 +4,9 @@
   cache where it lies instead of gathering it into a padded batch;
 - `rotary_cache_write` (csrc/rotary_cache.cpp): the rotary embedding of a step's queries and
   keys and the write of keys and values into the cache, one op instead of ~15, bit-identical
-  to the PyTorch path.
+  to the PyTorch path;
+- `rms_norm` (csrc/rms_norm.cpp): RMSNorm in one op instead of seven, the same roundings but
+  the squares summed in another order (used outside float32 only).
 
 The source is compiled with the machine's C++ compiler against the installed torch's headers
 (`-march=native`: the CPU's own vector instructions) into `~/.cache/rillm/kernels/`, named by a
@@ -34,7 +36,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("paged_attention.cpp", "rotary_cache.cpp"))
+                for name in ("paged_attention.cpp", "rotary_cache.cpp", "rms_norm.cpp"))
 CXX_FLAGS = (
     "-O3",
     "-march=native",

@@ -32,8 +32,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = False
+        """rillm's C++ `rms_norm` (set by build_model, bfloat16/float16 on the CPU): one op
+        instead of seven, the same roundings; only the squares are summed in another order,
+        which is why the float32 path, the one held to transformers bit for bit, keeps these."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dim() == 2 and x.is_contiguous():
+            return torch.ops.rillm.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 whatever the weights' dtype, as the reference does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -219,13 +225,15 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     quantized: Mapping[str, GGUFBlocks] | None = None,
+    cpu_kernels: bool = False,
 ) -> LlamaForCausalLM:
     """Build on the meta device and take the checkpoint's tensors as the parameters.
 
     `dtype` is the activations' and the dense weights' dtype. With `quantized` (a GGUF file's
     blocks by Hugging Face name), every Linear whose weights are all there keeps them quantized
     and multiplies with the int4 kernel (CPU only; see int4_linear.py); `weights` must still
-    hold every tensor (the embedding lookup reads the dense copy).
+    hold every tensor (the embedding lookup reads the dense copy). `cpu_kernels`: rillm's C++
+    kernels are loaded (rillm/kernels); RMSNorm outside float32 uses them.
     """
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -255,6 +263,10 @@ def build_model(
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)
+    if cpu_kernels and dtype != torch.float32:
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.fused = True
     return model.eval()
 
 
