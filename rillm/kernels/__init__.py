@@ -5,7 +5,7 @@
 - `rotary_cache_write` (csrc/rotary_cache.cpp): the rotary embedding of a step's queries and
   keys and the write of keys and values into the cache, one op instead of ~15, bit-identical
   to the PyTorch path;
-- `rms_norm` (csrc/rms_norm.cpp): RMSNorm in one op instead of seven, the same roundings but
+- `rms_norm` (csrc/rms_norm.cpp): RMSNorm in one op instead of eight, the same roundings but
   the squares summed in another order (used outside float32 only).
 
 The source is compiled with the machine's C++ compiler against the installed torch's headers

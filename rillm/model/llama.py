@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.fused = False
         """rillm's C++ `rms_norm` (set by build_model, bfloat16/float16 on the CPU): one op
-        instead of seven, the same roundings; only the squares are summed in another order,
+        instead of eight, the same roundings; only the squares are summed in another order,
         which is why the float32 path, the one held to transformers bit for bit, keeps these."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

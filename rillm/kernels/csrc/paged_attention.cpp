@@ -90,12 +90,19 @@ inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
 }
 
-// Ask for a block's rows before they are read (into L2). A sequence's blocks lie wherever the
-// block table points, and the hardware prefetcher starts over at each one: fetching the next
-// block while this one is used reads 32 scattered sequences' caches 1.5x faster.
-inline void prefetch_rows(const void* block, int64_t bytes) {
-  const char* p = static_cast<const char*>(block);
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 2);
+// Ask for the next block of a sequence's keys (or values) before it is read, into L2: a
+// sequence's blocks lie wherever its block table points, and the hardware prefetcher starts
+// over at each one; fetching the next block while this one is used reads 32 scattered
+// sequences' caches 1.5x faster. `head`: the cache of one KV head; `start`: the first position
+// of the block being read.
+inline void prefetch_next_block(const void* head, const int64_t* table, int64_t start,
+                                int64_t length, int64_t block_size, int64_t row_bytes) {
+  const int64_t next = start + block_size;
+  if (next >= length) return;
+  const char* block =
+      static_cast<const char*>(head) + table[next / block_size] * block_size * row_bytes;
+  const int64_t bytes = std::min(block_size, length - next) * row_bytes;
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(block + offset, 0, 2);
 }
 
 // The softmax of each query head's scores, shared by both paths: scores[g * length + j] holds
@@ -128,6 +135,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   scalar_t* out_data = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
 
   at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query(group * dim), acc(group * dim), row(dim), scores;
@@ -146,11 +154,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
       for (int64_t start = 0; start < length; start += block_size) {
         const int64_t base = table[start / block_size] * block_size;
         const int64_t rows = std::min(block_size, length - start);
-        if (start + block_size < length) {
-          prefetch_rows(keys + table[start / block_size + 1] * block_size * dim,
-                        std::min(block_size, length - start - block_size) * dim *
-                            static_cast<int64_t>(sizeof(scalar_t)));
-        }
+        prefetch_next_block(keys, table, start, length, block_size, row_bytes);
         for (int64_t r = 0; r < rows; ++r) {
           load_row(keys + (base + r) * dim, row.data(), dim);
           for (int64_t g = 0; g < group; ++g) {
@@ -163,11 +167,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
       for (int64_t start = 0; start < length; start += block_size) {
         const int64_t base = table[start / block_size] * block_size;
         const int64_t rows = std::min(block_size, length - start);
-        if (start + block_size < length) {
-          prefetch_rows(values + table[start / block_size + 1] * block_size * dim,
-                        std::min(block_size, length - start - block_size) * dim *
-                            static_cast<int64_t>(sizeof(scalar_t)));
-        }
+        prefetch_next_block(values, table, start, length, block_size, row_bytes);
         for (int64_t r = 0; r < rows; ++r) {
           load_row(values + (base + r) * dim, row.data(), dim);
           for (int64_t g = 0; g < group; ++g) {
@@ -250,20 +250,17 @@ void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cac
       for (int64_t start = 0; start < length; start += block_size) {
         const uint16_t* block = keys + table[start / block_size] * block_size * DIM;
         const int64_t rows = std::min(block_size, length - start);
-        if (start + block_size < length) {
-          prefetch_rows(keys + table[start / block_size + 1] * block_size * DIM,
-                        std::min(block_size, length - start - block_size) * DIM * 2);
-        }
+        prefetch_next_block(keys, table, start, length, block_size, DIM * 2);
         for (int64_t g = 0; g < group; ++g) {
           const uint16_t* qg = query.data() + g * DIM;
           float* s = scores.data() + g * length + start;
           int64_t r = 0;
           for (; r + 4 <= rows; r += 4) {
-            const __m128 four = _mm_mul_ps(
-                sum4(dot_bf16<kPairs>(qg, block + r * DIM), dot_bf16<kPairs>(qg, block + (r + 1) * DIM),
-                     dot_bf16<kPairs>(qg, block + (r + 2) * DIM), dot_bf16<kPairs>(qg, block + (r + 3) * DIM)),
-                _mm_set1_ps(fscale));
-            _mm_storeu_ps(s + r, four);
+            const uint16_t* k = block + r * DIM;
+            const __m128 four = sum4(dot_bf16<kPairs>(qg, k), dot_bf16<kPairs>(qg, k + DIM),
+                                     dot_bf16<kPairs>(qg, k + 2 * DIM),
+                                     dot_bf16<kPairs>(qg, k + 3 * DIM));
+            _mm_storeu_ps(s + r, _mm_mul_ps(four, _mm_set1_ps(fscale)));
           }
           for (; r < rows; ++r) {
             s[r] = _mm512_reduce_add_ps(dot_bf16<kPairs>(qg, block + r * DIM)) * fscale;
@@ -283,10 +280,7 @@ void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cac
         for (int64_t start = 0; start < length; start += block_size) {
           const uint16_t* block = values + table[start / block_size] * block_size * DIM;
           const int64_t rows = std::min(block_size, length - start);
-          if (g0 == 0 && start + block_size < length) {
-            prefetch_rows(values + table[start / block_size + 1] * block_size * DIM,
-                          std::min(block_size, length - start - block_size) * DIM * 2);
-          }
+          if (g0 == 0) prefetch_next_block(values, table, start, length, block_size, DIM * 2);
           for (int64_t r = 0; r < rows; ++r) {
             __m512 v[kFloats];
             for (int c = 0; c < kFloats; ++c) {
@@ -297,7 +291,9 @@ void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cac
             for (int g = 0; g < kHeads; ++g) {
               if (g >= heads) break;
               const __m512 weight = _mm512_set1_ps(scores[(g0 + g) * length + start + r]);
-              for (int c = 0; c < kFloats; ++c) acc[g][c] = _mm512_fmadd_ps(weight, v[c], acc[g][c]);
+              for (int c = 0; c < kFloats; ++c) {
+                acc[g][c] = _mm512_fmadd_ps(weight, v[c], acc[g][c]);
+              }
             }
           }
         }

@@ -1,6 +1,6 @@
 // RMSNorm as one op (CPU): y = weight * (x * rsqrt(mean(x^2) + eps)), normalised in float32
 // whatever x's dtype, as the PyTorch path (and the reference) does: x * rsqrt(...) is rounded
-// to x's dtype, then multiplied by the weight and rounded again. PyTorch spends seven ops
+// to x's dtype, then multiplied by the weight and rounded again. PyTorch spends eight ops
 // (cast, pow, mean, add, rsqrt, mul, cast, mul) on this; the only difference here is the order
 // in which the squares are summed.
 //
