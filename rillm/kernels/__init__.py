@@ -50,6 +50,10 @@ CXX_FLAGS = (
     "-fno-signed-zeros",
     "-fno-trapping-math",
     "-ffp-contract=fast",
+    # at::parallel_for is an OpenMP pragma in ATen's headers: without this flag it compiles to
+    # a plain loop on one thread. The library links libgomp.so.1, which resolves to the copy
+    # torch already loaded (same soname), so the process keeps one OpenMP thread pool.
+    "-fopenmp",
 )
 
 

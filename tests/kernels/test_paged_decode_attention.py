@@ -116,3 +116,15 @@ def test_without_a_compiler_the_loader_says_so_and_declines(tmp_path, monkeypatc
         assert not load_cpu_kernels(tmp_path / "cache")
     assert "no C++ compiler" in caplog.text
     assert not any((tmp_path / "cache").glob("*.so"))
+
+
+def test_the_kernels_run_on_torchs_threads():
+    # at::parallel_for compiles to a one-thread loop unless the library is built with OpenMP.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.rillm.parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.ops.rillm.parallel_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

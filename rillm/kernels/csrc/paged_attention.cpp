@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -364,9 +365,19 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   return out;
 }
 
+// How many threads at::parallel_for runs a loop on here: torch's thread count if the library
+// was built with OpenMP, 1 if the pragma behind at::parallel_for was compiled away.
+int64_t parallel_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, 64, 1,
+                   [&](int64_t, int64_t) { seen |= 1ull << (at::get_thread_num() % 64); });
+  return __builtin_popcountll(seen.load());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rillm, m) {
+  m.def("parallel_threads() -> int", &parallel_threads);
   m.def(
       "paged_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");
