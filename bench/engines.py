@@ -2,7 +2,8 @@
 
 A spec is `NAME[@THREADS]`: float32, bfloat16 (dense weights of that dtype) or int4 (a GGUF
 file's Q4_1 / Q8_0 matrices kept quantized, float32 activations), int4-bf16 (the same with
-bfloat16 activations); `@1` or `@2` sets torch's intra-op threads while that engine runs.
+bfloat16 activations), int4-bf16-pt (the same on PyTorch's kernels alone: no rillm C++
+kernels); `@1` or `@2` sets torch's intra-op threads while that engine runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ SPECS = {
     "int4": ("float32", "int4"),
     "int4-bf16": ("bfloat16", "int4"),
     "int4x-bf16": ("bfloat16", "int4"),
+    "int4-bf16-pt": ("bfloat16", "int4"),
 }
+NO_CPU_KERNELS = {"int4-bf16-pt"}
 EXACT = {"int4x-bf16"}
 """Specs that use the int4 kernel at every batch size (no dense bfloat16 copy)."""
 
@@ -44,6 +47,8 @@ def make_engine(spec: str, loaded: LoadedModel, **options: object) -> BenchEngin
     if name not in SPECS:
         raise SystemExit(f"unknown engine spec {spec!r} (known: {', '.join(SPECS)})")
     dtype, quantization = SPECS[name]
+    if name in NO_CPU_KERNELS:
+        options = {**options, "cpu_kernels": False}
     config = EngineConfig(dtype=dtype, quantization=quantization, **options)  # type: ignore[arg-type]
     engine = LLMEngine(config, loaded=loaded)
     if config.keep_gguf_quantization and not _engine_keeps_quantization(engine):

@@ -6,8 +6,9 @@
 The text (bench/data/perplexity.txt by default, ~700 tokens) is fed through the engine's model
 runner in chunks of --chunk tokens through the paged KV cache, exactly as the engine runs a
 prompt; --chunk 1 runs every token as a decode step, the path that serves output tokens.
-Reported: perplexity exp(mean NLL of each next token), and how many next-token argmaxes agree
-with the first configuration's.
+Reported: perplexity exp(mean NLL of each next token), how many next-token argmaxes agree
+with the first configuration's, and the mean KL divergence of each next-token distribution from
+the first configuration's.
 """
 
 from __future__ import annotations
@@ -55,19 +56,26 @@ def main() -> None:
         tokens = loaded.tokenizer(f.read())["input_ids"]
     target = torch.tensor(tokens[1:])
     print(f"{len(tokens)} tokens from {args.text}")
-    print(f"{'engine':>12} {'chunk':>6} {'perplexity':>11} {'argmax agrees':>14}")
+    print(f"{'engine':>12} {'chunk':>6} {'perplexity':>11} {'argmax agrees':>14} "
+          f"{'mean KL':>9}")
     first: torch.Tensor | None = None
+    first_log_probs = torch.empty(0)
     for spec in args.engines:
         bench = make_engine(spec, loaded, num_kv_blocks=len(tokens) // 16 + 2)
         bench.activate()
         for chunk in args.chunk:
-            logits = logits_of(bench.engine, tokens, chunk)[:-1]
+            logits = logits_of(bench.engine, tokens, chunk)[:-1].float()
             nll = torch.nn.functional.cross_entropy(logits, target).item()
             top = logits.argmax(-1)
-            first = top if first is None else first
+            log_probs = torch.log_softmax(logits, -1)
+            if first is None:
+                first, first_log_probs = top, log_probs
             agree = (top == first).float().mean().item()
-            print(f"{spec:>12} {chunk:>6} {math.exp(nll):>11.4f} {100 * agree:>13.1f}%",
-                  flush=True)
+            # KL(first engine || this one), per position, averaged: how far the distributions
+            # moved, which perplexity (one token's probability) sees only in part.
+            kl = (first_log_probs.exp() * (first_log_probs - log_probs)).sum(-1).mean().item()
+            print(f"{spec:>12} {chunk:>6} {math.exp(nll):>11.4f} {100 * agree:>13.1f}% "
+                  f"{kl:>9.5f}", flush=True)
 
 
 if __name__ == "__main__":

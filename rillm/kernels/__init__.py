@@ -6,7 +6,9 @@
   keys and the write of keys and values into the cache, one op instead of ~15, bit-identical
   to the PyTorch path;
 - `rms_norm` (csrc/rms_norm.cpp): RMSNorm in one op instead of eight, the same roundings but
-  the squares summed in another order (used outside float32 only).
+  the squares summed in another order (used outside float32 only);
+- `q4_linear` and `q4_pack` (csrc/q4_linear.cpp): a few rows of activations times 4-bit
+  block-quantized weights (GGUF Q4_1's form), the decode step's matmuls, at memory speed.
 
 The source is compiled with the machine's C++ compiler against the installed torch's headers
 (`-march=native`: the CPU's own vector instructions) into `~/.cache/rillm/kernels/`, named by a
@@ -36,7 +38,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("paged_attention.cpp", "rotary_cache.cpp", "rms_norm.cpp"))
+                for name in ("paged_attention.cpp", "rotary_cache.cpp", "rms_norm.cpp",
+                              "q4_linear.cpp"))
 CXX_FLAGS = (
     "-O3",
     "-march=native",

@@ -1,20 +1,22 @@
-"""Linear layers that keep a GGUF file's quantized weights and multiply with PyTorch's CPU
-grouped-int4 kernel (`_weight_int4pack_mm_for_cpu`).
+"""Linear layers that keep a GGUF file's quantized weights and multiply with a grouped-int4
+kernel: rillm's own (`torch.ops.rillm.q4_linear`, csrc/q4_linear.cpp) where the C++ kernels
+are loaded and the CPU has AVX-512 BF16, PyTorch's (`_weight_int4pack_mm_for_cpu`) otherwise.
 
-The kernel dequantizes each weight as `(q - 8) * scale + zero` with `q` in [0, 16), one
-(scale, zero) pair per group of 32 weights along K, in bfloat16, and takes bfloat16
-activations. Both GGUF formats of the default model map onto it:
+Both take bfloat16 activations and weights `w = d * q + m` with `q` in [0, 16), one (d, m) pair
+per group of 32 weights along K. Both GGUF formats of the default model map onto that:
 
-- Q4_1 (`w = d * q + m`, q in [0, 16)): scale = d, zero = m + 8 d.
+- Q4_1 (`w = d * q + m`, q in [0, 16)) as it is.
 - Q8_0 (`w = d * q`, q in [-128, 128)): q = 16 hi + lo with hi in [-8, 8) and lo in [0, 16),
-  so `w = (hi + 8 - 8) * 16 d + (lo - 8) * d + 8 d`: two int4 weights side by side along K
-  (the input is fed twice), exact but for d rounded to bfloat16 (16 d and 8 d round alike).
+  so `w = 16 d (hi + 8) - 128 d + d lo`: two int4 weights side by side along K (the input is fed
+  twice), the first with (16 d, -128 d), the second with (d, 0), exact in float16.
 
-The only loss against the dequantized float32 weights is d and m rounded to bfloat16 and the
-activations rounded to bfloat16 at the kernel's input (bench/perplexity.py measures it).
+rillm's kernel keeps d and m in float16 as the file does and sums in float32; PyTorch's rounds
+its (scale, zero) = (d, m + 8 d) pairs to bfloat16. Beyond that the only loss against the
+dequantized float32 weights is the activations rounded to bfloat16 at the kernel's input
+(bench/perplexity.py measures it).
 
-The kernel unpacks the weights on every call, so its cost grows with every row: it wins while
-reading the weights from memory is the cost, a quarter of the bytes of bfloat16. Above
+The kernels unpack the weights on every call, so their cost grows with every row: they win
+while reading the weights from memory is the cost, a quarter of the bytes of bfloat16. Above
 `MAX_INT4_ROWS` rows a bfloat16 copy of the dequantized weights is used instead, packed once for
 oneDNN (`torch.ops.mkldnn._reorder_linear_weight`): packed, a bfloat16 matmul skips the
 per-call reorder of the weights that `F.linear` does, and is 1.1-2x faster than it at 6-128 rows.
@@ -57,44 +59,46 @@ class GGUFBlocks:
     shape: tuple[int, int]
 
 
-def int4_weights(blocks: GGUFBlocks) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """-> (q [N, K'] int32 in [0, 16), scales_and_zeros [K'/32, N, 2] float32, K') for the
-    kernel; K' is K for Q4_1 and 2 K for Q8_0 (see the module docstring)."""
+def int4_weights(blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (q [N, K'] uint8 in [0, 16), d [N, K'/32] float16, m [N, K'/32] float16) with
+    `w = d * q + m` per group of 32; K' is K for Q4_1 and 2 K for Q8_0 (see the module
+    docstring)."""
     rows, cols = blocks.shape
     nblocks = cols // GROUP_SIZE
     raw = np.ascontiguousarray(blocks.data).reshape(rows, nblocks, -1)
-    d = raw[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [N, K/32]
+    d = raw[:, :, 0:2].copy().view(np.float16)[..., 0]  # [N, K/32]
     if blocks.type_name == Q4_1:
-        m = raw[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = raw[:, :, 2:4].copy().view(np.float16)[..., 0]
         packed = raw[:, :, 4:20]  # byte j: q[j] low nibble, q[j + 16] high nibble
         q = np.concatenate((packed & 0x0F, packed >> 4), axis=-1).reshape(rows, cols)
-        scale, zero = d, m + 8 * d
-    elif blocks.type_name == Q8_0:
+        return q, d, m
+    if blocks.type_name == Q8_0:
         q8 = raw[:, :, 2:34].copy().view(np.int8).astype(np.int16)  # [N, K/32, 32]
-        # Nibbles fit a byte: int32 only once, at the end (the lm_head is 28M weights).
         hi, lo = ((q8 >> 4) + 8).astype(np.uint8), (q8 & 0x0F).astype(np.uint8)
         q = np.concatenate((hi.reshape(rows, cols), lo.reshape(rows, cols)), axis=1)
-        scale = np.concatenate((16 * d, d), axis=1)
-        zero = np.concatenate((np.zeros_like(d), 8 * d), axis=1)
-    else:
-        raise ValueError(f"GGUF type {blocks.type_name} has no int4 form")
-    scales_and_zeros = np.stack((scale, zero), axis=-1).transpose(1, 0, 2)  # [K'/32, N, 2]
-    return (
-        torch.from_numpy(q.astype(np.int32, copy=False)),
-        torch.from_numpy(np.ascontiguousarray(scales_and_zeros)),
-        q.shape[1],
-    )
+        scale = np.concatenate((16 * d, d), axis=1)  # exact: powers of two
+        low = np.concatenate((-128 * d, np.zeros_like(d)), axis=1)
+        return q, scale, low
+    raise ValueError(f"GGUF type {blocks.type_name} has no int4 form")
+
+
+def rillm_q4_available() -> bool:
+    """rillm's q4_linear is loaded and vectorized for this CPU (else PyTorch's kernel is
+    faster)."""
+    try:
+        return bool(torch.ops.rillm.q4_linear_vectorized())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class Int4Linear(nn.Module):
-    packed: torch.Tensor
-    scales_and_zeros: torch.Tensor
-
-    """`y = x W^T (+ b)` with W held as packed int4 groups (for inputs of up to `max_int4_rows`
-    rows) and as oneDNN-packed bfloat16 (above); x of any float dtype, y in x's dtype.
+    """`y = x W^T (+ b)` with W held as int4 groups (for inputs of up to `max_int4_rows` rows)
+    and as oneDNN-packed bfloat16 (above); x of any float dtype, y in x's dtype.
 
     Several GGUF matrices with the same input (Q, K and V; gate and up) may be packed into one
-    by concatenating their rows: one kernel call instead of several."""
+    by concatenating their rows: one kernel call instead of several. `rillm_kernel`: use rillm's
+    q4_linear (the caller has loaded the C++ kernels) where this CPU vectorizes it and the
+    shape suits it (K' a multiple of 64, N of 4)."""
 
     def __init__(
         self,
@@ -102,6 +106,7 @@ class Int4Linear(nn.Module):
         dense: torch.Tensor,
         bias: torch.Tensor | None = None,
         max_int4_rows: int = MAX_INT4_ROWS,
+        rillm_kernel: bool = False,
     ) -> None:
         """`dense`: the dequantized weights `[out, in]` (any float dtype; kept as bfloat16)."""
         super().__init__()
@@ -109,15 +114,29 @@ class Int4Linear(nn.Module):
         self.out_features = dense.shape[0]
         self.max_int4_rows = max_int4_rows
         converted = [int4_weights(p) for p in parts]
-        widths = {k for _, _, k in converted}
+        widths = {c[0].shape[1] for c in converted}
         if len(widths) != 1:
             raise ValueError("packed matrices must share one quantized input width")
-        q = torch.cat([c[0] for c in converted], dim=0)
+        width = widths.pop()
+        q = np.concatenate([c[0] for c in converted], axis=0)
         if q.shape[0] != self.out_features:
             raise ValueError("the blocks and the dense weights differ in rows")
-        self.duplicate_input = widths.pop() != self.in_features  # Q8_0: the input fed twice
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
-        self.scales_and_zeros = torch.cat([c[1] for c in converted], dim=1).bfloat16()
+        d = torch.from_numpy(np.concatenate([c[1] for c in converted], axis=0))
+        m = torch.from_numpy(np.concatenate([c[2] for c in converted], axis=0))
+        self.duplicate_input = width != self.in_features  # Q8_0: the input fed twice
+        self.rillm_kernel = (rillm_kernel and rillm_q4_available() and width % 64 == 0
+                             and self.out_features % 4 == 0)
+        if self.rillm_kernel:
+            self.q4_mm = torch.ops.rillm.q4_linear.default  # resolved once, as _INT4_MM
+            self.packed = torch.ops.rillm.q4_pack(torch.from_numpy(q))
+            self.scales, self.mins = d.contiguous(), m.contiguous()
+        else:
+            q32 = torch.from_numpy(q.astype(np.int32))
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q32, _INNER_K_TILES)
+            zero = m.float() + 8 * d.float()
+            self.scales_and_zeros = (
+                torch.stack((d.float(), zero), dim=-1).transpose(0, 1).contiguous().bfloat16()
+            )  # [K'/32, N, 2]
         self.dense = BFloat16Weight(dense)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
@@ -129,7 +148,10 @@ class Int4Linear(nn.Module):
         else:
             if self.duplicate_input:
                 x2 = torch.cat((x2, x2), dim=-1)
-            y = _INT4_MM(x2, self.packed, GROUP_SIZE, self.scales_and_zeros)
+            if self.rillm_kernel:
+                y = self.q4_mm(x2, self.packed, self.scales, self.mins)
+            else:
+                y = _INT4_MM(x2, self.packed, GROUP_SIZE, self.scales_and_zeros)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias

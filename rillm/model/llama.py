@@ -233,12 +233,13 @@ def build_model(
     blocks by Hugging Face name), every Linear whose weights are all there keeps them quantized
     and multiplies with the int4 kernel (CPU only; see int4_linear.py); `weights` must still
     hold every tensor (the embedding lookup reads the dense copy). `cpu_kernels`: rillm's C++
-    kernels are loaded (rillm/kernels); RMSNorm outside float32 uses them.
+    kernels are loaded (rillm/kernels); RMSNorm outside float32 and the int4 matmuls use them.
     """
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     state = _pack(weights)
-    swapped = _quantize_linears(model, config, state, quantized, dtype) if quantized else []
+    swapped = (_quantize_linears(model, config, state, quantized, dtype, cpu_kernels)
+               if quantized else [])
     for name in swapped:
         state.pop(f"{name}.weight", None)
         state.pop(f"{name}.bias", None)
@@ -287,9 +288,11 @@ def _quantize_linears(
     state: dict[str, torch.Tensor],
     quantized: Mapping[str, GGUFBlocks],
     dtype: torch.dtype,
+    cpu_kernels: bool,
 ) -> list[str]:
-    """Swap in Int4Linear for every Linear whose checkpoint matrices are all quantized.
-    `state`: the packed checkpoint. Returns the (fused) module names swapped."""
+    """Swap in Int4Linear for every Linear whose checkpoint matrices are all quantized (on
+    rillm's int4 kernel with `cpu_kernels`). `state`: the packed checkpoint. Returns the
+    (fused) module names swapped."""
     lm_head_source = "model.embed_tokens" if config.tie_word_embeddings else "lm_head"
     sources: dict[str, list[str]] = {"lm_head": [lm_head_source]}
     for i in range(config.num_hidden_layers):
@@ -310,6 +313,7 @@ def _quantize_linears(
         bias = None if bias is None else bias.to(dtype)
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
-        setattr(owner, attr, Int4Linear(blocks, dense, bias))  # type: ignore[arg-type]
+        linear = Int4Linear(blocks, dense, bias, rillm_kernel=cpu_kernels)  # type: ignore[arg-type]
+        setattr(owner, attr, linear)
         swapped.append(name)
     return swapped
