@@ -8,7 +8,9 @@
 - `rms_norm` (csrc/rms_norm.cpp): RMSNorm in one op instead of eight, the same roundings but
   the squares summed in another order (used outside float32 only);
 - `q4_linear` and `q4_pack` (csrc/q4_linear.cpp): a few rows of activations times 4-bit
-  block-quantized weights (GGUF Q4_1's form), the decode step's matmuls, at memory speed.
+  block-quantized weights (GGUF Q4_1's form), the decode step's matmuls, at memory speed;
+- `decode_layer` (csrc/decode_layer.cpp): a whole decoder layer for a decode step of a few
+  sequences on the kernels above, called directly instead of ~30 Python-side calls.
 
 The source is compiled with the machine's C++ compiler against the installed torch's headers
 (`-march=native`: the CPU's own vector instructions) into `~/.cache/rillm/kernels/`, named by a
@@ -37,9 +39,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("paged_attention.cpp", "rotary_cache.cpp", "rms_norm.cpp",
-                              "q4_linear.cpp"))
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(_CSRC / name for name in ("paged_attention.cpp", "rotary_cache.cpp",
+                                          "rms_norm.cpp", "q4_linear.cpp", "decode_layer.cpp"))
+HEADERS = (_CSRC / "kernels.h",)
 CXX_FLAGS = (
     "-O3",
     "-march=native",
@@ -123,7 +126,7 @@ def _build(cache_dir: Path) -> Path:
 
 def _build_key(flags: list[str]) -> str:
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     for part in (*flags, torch.__version__, sys.version, platform.machine(), _cpu_features()):
         digest.update(part.encode())

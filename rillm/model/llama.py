@@ -182,6 +182,13 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        self.fused_decode_rows = 0
+        """Decode steps of up to this many sequences run each layer as one C++ op
+        (`torch.ops.rillm.decode_layer`, the same kernels and roundings as the layers' own
+        forward with the C++ kernels); set by build_model where every layer can."""
+        self.fused_decode_weights: list[list[torch.Tensor]] = []
+        self.fused_decode_shape: tuple[float, int, int, float] = (0.0, 0, 0, 0.0)
+        """(attention scale, heads, KV heads, RMSNorm eps) for the fused decode path."""
 
     def forward(
         self,
@@ -192,9 +199,30 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rotary_emb(positions, x.dtype)
+        if (metadata.cpu_kernels and metadata.decode_only
+                and x.shape[0] <= self.fused_decode_rows):
+            return self.norm(self._fused_decode(x, rope, caches, metadata))
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, rope, cache, metadata)
         return self.norm(x)
+
+    def _fused_decode(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, ...],
+        caches: list[KVCache],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        (group,) = metadata.groups
+        assert group.context_lens is not None
+        cos, sin = rope
+        scale, heads, kv_heads, eps = self.fused_decode_shape
+        decode_layer = torch.ops.rillm.decode_layer.default
+        for weights, cache in zip(self.fused_decode_weights, caches, strict=True):
+            x = decode_layer(x, weights, cos, sin, cache.key, cache.value, metadata.slot_mapping,
+                             group.block_tables, group.context_lens, cache.block_size, scale,
+                             heads, kv_heads, eps)
+        return x
 
 
 class LlamaForCausalLM(nn.Module):
@@ -268,7 +296,34 @@ def build_model(
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.fused = True
+    if cpu_kernels:
+        _enable_fused_decode(model.model, config)
     return model.eval()
+
+
+def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
+    """Let decode steps run each layer as one C++ op where every layer is what that op does:
+    bfloat16, RMSNorm on the C++ kernel, all four matmuls on rillm's int4 kernel (no bias, no
+    doubled input), no q/k norms."""
+    weights: list[list[torch.Tensor]] = []
+    rows: list[int] = []
+    for layer in model.layers:
+        assert isinstance(layer, LlamaDecoderLayer)
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        linears = [m for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+                   if isinstance(m, Int4Linear) and m.rillm_kernel and m.bias is None
+                   and not m.duplicate_input]
+        if (attn.q_norm is not None or len(linears) != 4
+                or not all(n.fused and n.weight.dtype == torch.bfloat16 for n in norms)):
+            return
+        packs = [t for m in linears for t in (m.packed, m.scales, m.mins)]
+        weights.append([norms[0].weight, *packs[:6], norms[1].weight, *packs[6:]])
+        rows.extend(m.max_int4_rows for m in linears)
+    model.fused_decode_weights = weights
+    model.fused_decode_shape = (config.head_dim**-0.5, config.num_attention_heads,
+                                config.num_key_value_heads, config.rms_norm_eps)
+    model.fused_decode_rows = min(rows, default=0)
 
 
 def _pack(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import torch
 
 from bench.perplexity import DEFAULT_TEXT, logits_of
 from rillm.model.int4_linear import Int4Linear
+from rillm.sampling_params import SamplingParams
 
 
 def perplexity(engine, tokens: list[int], chunk: int) -> float:
@@ -37,3 +38,37 @@ def test_int4_perplexity_matches_the_dequantized_model(default_engine, exact_eng
     assert abs(prefill / exact - 1) < 0.01, (prefill, exact)
     assert abs(decode / exact_decode - 1) < 0.01, (decode, exact_decode)
 
+
+
+def test_fused_decode_layers_give_the_layer_by_layer_logits_bit_for_bit(default_engine):
+    """Decode steps of up to four sequences run each layer as one C++ op; every step's logits
+    must equal those of the same step through the Python layers."""
+    model = default_engine.runner.model.model
+    assert model.fused_decode_rows == 4  # the default engine on this CPU takes the fused path
+    runner_forward = default_engine.runner.forward
+    compared = []
+
+    def both_ways(scheduled, all_tokens=False):
+        model.fused_decode_rows = 0
+        layered = runner_forward(scheduled, all_tokens)  # rewrites the same K/V: idempotent
+        model.fused_decode_rows = 4
+        fused = runner_forward(scheduled, all_tokens)
+        if all(s.num_new_tokens == 1 for s in scheduled):
+            compared.append(len(scheduled))
+            assert torch.equal(fused, layered)
+        return fused
+
+    default_engine.runner.forward = both_ways
+    try:
+        generator = torch.Generator().manual_seed(5)
+        for i, length in enumerate((40, 75, 17)):  # decode batches of 3, then 2, then 1
+            prompt = torch.randint(100, 40000, (length,), generator=generator).tolist()
+            params = SamplingParams(temperature=0, max_tokens=24 + 8 * i, ignore_eos=True)
+            default_engine.add_request(f"fused-{i}", prompt, params)
+        while default_engine.has_unfinished_requests():
+            default_engine.step()
+    finally:
+        default_engine.abort_request([f"fused-{i}" for i in range(3)])  # on failure: leave it empty
+        default_engine.runner.forward = runner_forward
+        model.fused_decode_rows = 4
+    assert {1, 2, 3} <= set(compared)

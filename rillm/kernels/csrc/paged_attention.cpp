@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -311,6 +313,10 @@ void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cac
 }
 #endif
 
+}  // namespace
+
+namespace rillm {
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
                                   const at::Tensor& value_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, int64_t block_size,
@@ -374,12 +380,12 @@ int64_t parallel_threads() {
   return __builtin_popcountll(seen.load());
 }
 
-}  // namespace
+}  // namespace rillm
 
 TORCH_LIBRARY(rillm, m) {
-  m.def("parallel_threads() -> int", &parallel_threads);
+  m.def("parallel_threads() -> int", &rillm::parallel_threads);
   m.def(
       "paged_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");
-  m.impl("paged_decode_attention", c10::DispatchKey::CPU, &paged_decode_attention);
+  m.impl("paged_decode_attention", c10::DispatchKey::CPU, &rillm::paged_decode_attention);
 }

@@ -20,6 +20,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -226,6 +228,10 @@ void q4_linear_tile(const at::BFloat16* x, int64_t k, const uint8_t* packed, con
 
 #endif  // RILLM_Q4_AVX512
 
+}  // namespace
+
+namespace rillm {
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
                      const at::Tensor& mins) {
   TORCH_CHECK(x.device().is_cpu(), "q4_linear runs on the CPU");
@@ -280,12 +286,12 @@ bool q4_linear_vectorized() {
 #endif
 }
 
-}  // namespace
+}  // namespace rillm
 
 TORCH_LIBRARY_FRAGMENT(rillm, m) {
   m.def("q4_pack(Tensor q) -> Tensor");
   m.impl("q4_pack", c10::DispatchKey::CPU, &q4_pack);
   m.def("q4_linear(Tensor x, Tensor packed, Tensor d, Tensor mins) -> Tensor");
-  m.impl("q4_linear", c10::DispatchKey::CPU, &q4_linear);
-  m.def("q4_linear_vectorized() -> bool", &q4_linear_vectorized);
+  m.impl("q4_linear", c10::DispatchKey::CPU, &rillm::q4_linear);
+  m.def("q4_linear_vectorized() -> bool", &rillm::q4_linear_vectorized);
 }

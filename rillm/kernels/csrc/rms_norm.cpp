@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cmath>
 #include <cstdint>
 
@@ -41,6 +43,10 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at
   });
 }
 
+}  // namespace
+
+namespace rillm {
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.device().is_cpu(), "rms_norm runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be contiguous [rows, dim]");
@@ -53,9 +59,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
-}  // namespace
+}  // namespace rillm
 
 TORCH_LIBRARY_FRAGMENT(rillm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
+  m.impl("rms_norm", c10::DispatchKey::CPU, &rillm::rms_norm);
 }

@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cstdint>
 
 namespace {
@@ -80,6 +82,10 @@ void rotary_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
+}  // namespace
+
+namespace rillm {
+
 at::Tensor rotary_cache_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& cos, const at::Tensor& sin, at::Tensor key_cache,
                               at::Tensor value_cache, const at::Tensor& slot_mapping) {
@@ -118,11 +124,11 @@ at::Tensor rotary_cache_write(const at::Tensor& q, const at::Tensor& k, const at
   return q_out;
 }
 
-}  // namespace
+}  // namespace rillm
 
 TORCH_LIBRARY_FRAGMENT(rillm, m) {
   m.def(
       "rotary_cache_write(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, "
       "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> Tensor");
-  m.impl("rotary_cache_write", c10::DispatchKey::CPU, &rotary_cache_write);
+  m.impl("rotary_cache_write", c10::DispatchKey::CPU, &rillm::rotary_cache_write);
 }
