@@ -185,10 +185,13 @@ class LlamaModel(nn.Module):
         self.fused_decode_rows = 0
         """Decode steps of up to this many sequences run each layer as one C++ op
         (`torch.ops.rillm.decode_layer`, the same kernels and roundings as the layers' own
-        forward with the C++ kernels); set by build_model where every layer can."""
+        forward with the C++ kernels); set by build_model where every layer can (any number
+        of sequences where the bfloat16 copies are packed for oneDNN)."""
         self.fused_decode_weights: list[list[torch.Tensor]] = []
         self.fused_decode_shape: tuple[float, int, int, float] = (0.0, 0, 0, 0.0)
         """(attention scale, heads, KV heads, RMSNorm eps) for the fused decode path."""
+        self.fused_decode_int4_rows = 0
+        """Up to this many rows its matmuls run on the int4 blocks, above on bfloat16."""
 
     def forward(
         self,
@@ -221,7 +224,7 @@ class LlamaModel(nn.Module):
         for weights, cache in zip(self.fused_decode_weights, caches, strict=True):
             x = decode_layer(x, weights, cos, sin, cache.key, cache.value, metadata.slot_mapping,
                              group.block_tables, group.context_lens, cache.block_size, scale,
-                             heads, kv_heads, eps)
+                             heads, kv_heads, eps, self.fused_decode_int4_rows)
         return x
 
 
@@ -304,9 +307,11 @@ def build_model(
 def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
     """Let decode steps run each layer as one C++ op where every layer is what that op does:
     bfloat16, RMSNorm on the C++ kernel, all four matmuls on rillm's int4 kernel (no bias, no
-    doubled input), no q/k norms."""
+    doubled input) with oneDNN-packed bfloat16 copies, no q/k norms. Without the packed copies
+    (PyTorch without oneDNN) only steps within the int4 kernel's rows."""
     weights: list[list[torch.Tensor]] = []
-    rows: list[int] = []
+    int4_rows: list[int] = []
+    packed = True
     for layer in model.layers:
         assert isinstance(layer, LlamaDecoderLayer)
         attn, mlp = layer.self_attn, layer.mlp
@@ -317,13 +322,16 @@ def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
         if (attn.q_norm is not None or len(linears) != 4
                 or not all(n.fused and n.weight.dtype == torch.bfloat16 for n in norms)):
             return
-        packs = [t for m in linears for t in (m.packed, m.scales, m.mins)]
-        weights.append([norms[0].weight, *packs[:6], norms[1].weight, *packs[6:]])
-        rows.extend(m.max_int4_rows for m in linears)
+        blocks = [t for m in linears for t in (m.packed, m.scales, m.mins)]
+        dense = [m.dense.weight for m in linears]
+        weights.append([norms[0].weight, *blocks[:6], norms[1].weight, *blocks[6:], *dense])
+        int4_rows.extend(m.max_int4_rows for m in linears)
+        packed = packed and all(m.dense.packed for m in linears)
     model.fused_decode_weights = weights
     model.fused_decode_shape = (config.head_dim**-0.5, config.num_attention_heads,
                                 config.num_key_value_heads, config.rms_norm_eps)
-    model.fused_decode_rows = min(rows, default=0)
+    model.fused_decode_int4_rows = min(int4_rows, default=0)
+    model.fused_decode_rows = (1 << 30) if packed else model.fused_decode_int4_rows
 
 
 def _pack(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -41,17 +41,19 @@ def test_int4_perplexity_matches_the_dequantized_model(default_engine, exact_eng
 
 
 def test_fused_decode_layers_give_the_layer_by_layer_logits_bit_for_bit(default_engine):
-    """Decode steps of up to four sequences run each layer as one C++ op; every step's logits
-    must equal those of the same step through the Python layers."""
+    """Decode steps run each layer as one C++ op (int4 matmuls up to 4 sequences, packed
+    bfloat16 above); every step's logits must equal those of the same step through the Python
+    layers."""
     model = default_engine.runner.model.model
-    assert model.fused_decode_rows == 4  # the default engine on this CPU takes the fused path
+    fused_rows = model.fused_decode_rows
+    assert fused_rows >= 64 and model.fused_decode_int4_rows == 4  # the default, on this CPU
     runner_forward = default_engine.runner.forward
     compared = []
 
     def both_ways(scheduled, all_tokens=False):
         model.fused_decode_rows = 0
         layered = runner_forward(scheduled, all_tokens)  # rewrites the same K/V: idempotent
-        model.fused_decode_rows = 4
+        model.fused_decode_rows = fused_rows
         fused = runner_forward(scheduled, all_tokens)
         if all(s.num_new_tokens == 1 for s in scheduled):
             compared.append(len(scheduled))
@@ -59,16 +61,17 @@ def test_fused_decode_layers_give_the_layer_by_layer_logits_bit_for_bit(default_
         return fused
 
     default_engine.runner.forward = both_ways
+    ids = [f"fused-{i}" for i in range(6)]
     try:
         generator = torch.Generator().manual_seed(5)
-        for i, length in enumerate((40, 75, 17)):  # decode batches of 3, then 2, then 1
-            prompt = torch.randint(100, 40000, (length,), generator=generator).tolist()
-            params = SamplingParams(temperature=0, max_tokens=24 + 8 * i, ignore_eos=True)
-            default_engine.add_request(f"fused-{i}", prompt, params)
+        for i, request_id in enumerate(ids):  # decode batches of 6, then 5, ... then 1
+            prompt = torch.randint(100, 40000, (17 + 11 * i,), generator=generator).tolist()
+            params = SamplingParams(temperature=0, max_tokens=12 + 4 * i, ignore_eos=True)
+            default_engine.add_request(request_id, prompt, params)
         while default_engine.has_unfinished_requests():
             default_engine.step()
     finally:
-        default_engine.abort_request([f"fused-{i}" for i in range(3)])  # on failure: leave it empty
+        default_engine.abort_request(ids)  # on failure: leave the shared engine empty
         default_engine.runner.forward = runner_forward
-        model.fused_decode_rows = 4
-    assert {1, 2, 3} <= set(compared)
+        model.fused_decode_rows = fused_rows
+    assert {1, 2, 3, 4, 5, 6} <= set(compared)

@@ -4,20 +4,25 @@
 // SiLU(gate) * up, the down projection and the second residual add.
 //
 // The Python layer makes ~20 op calls and ~10 module calls for this; at one to four sequences
-// each is a few microseconds of dispatch against kernels that run for tens, so in a decode step
-// of 30 layers the calls cost about as much as the matmuls. Here the kernels are called directly
-// (kernels.h) and the elementwise steps are written out with the roundings PyTorch's bfloat16
-// ops make: x + y rounded once; SiLU rounded, then the product with up rounded.
+// each is a few microseconds of Python and dispatch against kernels that run for tens, so in a
+// decode step of 30 layers the calls cost about as much as the matmuls. Here rillm's kernels
+// are called directly (kernels.h) and the elementwise steps (residual adds, SiLU(gate) * up) are
+// the same ATen ops the Python layer runs, so the result is the same bit for bit.
+//
+// Up to `int4_rows` sequences the four matmuls run on rillm's int4 kernel; above, on the
+// oneDNN-packed bfloat16 copies of the same weights (mkldnn::_linear_pointwise, as
+// Int4Linear does).
 //
 // Registered as torch.ops.rillm.decode_layer (see rillm/kernels/__init__.py); the Python side
 // is LlamaModel's fused decode path (rillm/model/llama.py).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
+#include <optional>
 
 #include "kernels.h"
 
@@ -31,37 +36,26 @@ enum Weight : int64_t {
   kPostNorm,
   kGateUpPacked, kGateUpScales, kGateUpMins,
   kDownPacked, kDownScales, kDownMins,
+  kQkvDense, kODense, kGateUpDense, kDownDense,  // oneDNN-packed bfloat16
   kNumWeights,
 };
 
-// a + b, rounded to bfloat16 once: what PyTorch's bfloat16 add gives.
-at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
-  auto out = at::empty_like(a);
-  const at::BFloat16* pa = a.data_ptr<at::BFloat16>();
-  const at::BFloat16* pb = b.data_ptr<at::BFloat16>();
-  at::BFloat16* po = out.data_ptr<at::BFloat16>();
-  for (int64_t i = 0, n = a.numel(); i < n; ++i)
-    po[i] = static_cast<at::BFloat16>(static_cast<float>(pa[i]) + static_cast<float>(pb[i]));
-  return out;
+// x [rows, K] bfloat16 times a weight packed by mkldnn::_reorder_linear_weight.
+at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::string_view, c10::List<std::optional<at::Scalar>>,
+                            std::optional<c10::string_view>)>();
+  return op.call(x, weight, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), "");
 }
 
-// gate_up [T, 2 I] -> silu(gate) * up [T, I], rounded as PyTorch's two bfloat16 ops round.
-at::Tensor silu_mul_bf16(const at::Tensor& gate_up) {
-  const int64_t tokens = gate_up.size(0), inner = gate_up.size(1) / 2;
-  auto out = at::empty({tokens, inner}, gate_up.options());
-  const at::BFloat16* in = gate_up.data_ptr<at::BFloat16>();
-  at::BFloat16* po = out.data_ptr<at::BFloat16>();
-  for (int64_t t = 0; t < tokens; ++t) {
-    const at::BFloat16* gate = in + t * 2 * inner;
-    const at::BFloat16* up = gate + inner;
-    for (int64_t i = 0; i < inner; ++i) {
-      const float g = static_cast<float>(gate[i]);
-      const auto silu = static_cast<at::BFloat16>(g / (1.0f + std::exp(-g)));
-      po[t * inner + i] =
-          static_cast<at::BFloat16>(static_cast<float>(silu) * static_cast<float>(up[i]));
-    }
-  }
-  return out;
+// One of the layer's four matmuls: int4 blocks for few rows, packed bfloat16 for more.
+at::Tensor linear(const at::Tensor& x, at::TensorList w, int64_t first, int64_t dense,
+                  int64_t int4_rows) {
+  if (x.size(0) <= int4_rows) return rillm::q4_linear(x, w[first], w[first + 1], w[first + 2]);
+  return packed_bf16_linear(x, w[dense]);
 }
 
 }  // namespace
@@ -73,7 +67,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::T
                         const at::Tensor& value_cache, const at::Tensor& slot_mapping,
                         const at::Tensor& block_tables, const at::Tensor& context_lens,
                         int64_t block_size, double scale, int64_t num_heads,
-                        int64_t num_kv_heads, double eps) {
+                        int64_t num_kv_heads, double eps, int64_t int4_rows) {
   TORCH_CHECK(x.device().is_cpu(), "decode_layer runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
               "x must be contiguous bfloat16 [tokens, hidden]");
@@ -82,7 +76,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::T
   const int64_t tokens = x.size(0), head_dim = cos.size(1);
   const auto& w = weights;
   const auto normed = rms_norm(x, w[kInputNorm], eps);
-  const auto qkv = q4_linear(normed, w[kQkvPacked], w[kQkvScales], w[kQkvMins])
+  const auto qkv = linear(normed, w, kQkvPacked, kQkvDense, int4_rows)
                        .view({tokens, num_heads + 2 * num_kv_heads, head_dim});
   const auto q = rotary_cache_write(qkv.narrow(1, 0, num_heads),
                                     qkv.narrow(1, num_heads, num_kv_heads),
@@ -90,12 +84,12 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::T
                                     sin, key_cache, value_cache, slot_mapping);
   const auto attention = paged_decode_attention(q, key_cache, value_cache, block_tables,
                                                 context_lens, block_size, scale);
-  const auto h = add_bf16(x, q4_linear(attention, w[kOPacked], w[kOScales], w[kOMins]));
-  const auto gate_up = q4_linear(rms_norm(h, w[kPostNorm], eps), w[kGateUpPacked],
-                                 w[kGateUpScales], w[kGateUpMins]);
-  const auto down = q4_linear(silu_mul_bf16(gate_up), w[kDownPacked], w[kDownScales],
-                              w[kDownMins]);
-  return add_bf16(h, down);
+  const auto h = at::add(x, linear(attention, w, kOPacked, kODense, int4_rows));
+  const auto gate_up =
+      linear(rms_norm(h, w[kPostNorm], eps), w, kGateUpPacked, kGateUpDense, int4_rows);
+  const int64_t inner = gate_up.size(1) / 2;
+  const auto act = at::mul(at::silu(gate_up.narrow(1, 0, inner)), gate_up.narrow(1, inner, inner));
+  return at::add(h, linear(act, w, kDownPacked, kDownDense, int4_rows));
 }
 
 }  // namespace rillm
@@ -104,6 +98,9 @@ TORCH_LIBRARY_FRAGMENT(rillm, m) {
   m.def(
       "decode_layer(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) key_cache, "
       "Tensor(b!) value_cache, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, "
-      "int block_size, float scale, int num_heads, int num_kv_heads, float eps) -> Tensor");
+      "int block_size, float scale, int num_heads, int num_kv_heads, float eps, int int4_rows) "
+      "-> Tensor");
   m.impl("decode_layer", c10::DispatchKey::CPU, &rillm::decode_layer);
+  // The oneDNN-packed weights are MkldnnCPU tensors, which the dispatcher goes by.
+  m.impl("decode_layer", c10::DispatchKey::MkldnnCPU, &rillm::decode_layer);
 }
