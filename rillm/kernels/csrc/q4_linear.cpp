@@ -216,13 +216,28 @@ void q4_group(const at::BFloat16* x, int64_t k, const uint8_t* group_bytes, cons
       y[m * n + row0 + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[r][m]));
 }
 
-template <int kRows>
-void q4_linear_tile(const at::BFloat16* x, int64_t k, const uint8_t* packed, const at::Half* d,
-                    const at::Half* mins, const float* sums, int64_t n, at::BFloat16* y) {
-  const int64_t row_bytes = k / 2;
+// All rows of x against all groups of W; within a group, rows of x four at a time (a group's
+// 4 x 4 accumulators fit the 32 vector registers), so a group is read from memory once and
+// from L1 for the next four rows.
+void q4_linear_avx512(const at::BFloat16* x, int64_t rows, int64_t k, const uint8_t* packed,
+                      const at::Half* d, const at::Half* mins, const float* sums, int64_t n,
+                      at::BFloat16* y) {
+  const int64_t row_bytes = k / 2, blocks = k / kBlock;
   at::parallel_for(0, n / kGroup, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)
-      q4_group<kRows>(x, k, packed + g * row_bytes * kGroup, d, mins, sums, n, g * kGroup, y, k);
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* group_bytes = packed + g * row_bytes * kGroup;
+      for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+        const at::BFloat16* xm = x + m0 * k;
+        const float* sm = sums + m0 * blocks;
+        at::BFloat16* ym = y + m0 * n;
+        switch (std::min<int64_t>(rows - m0, 4)) {
+          case 1: q4_group<1>(xm, k, group_bytes, d, mins, sm, n, g * kGroup, ym, k); break;
+          case 2: q4_group<2>(xm, k, group_bytes, d, mins, sm, n, g * kGroup, ym, k); break;
+          case 3: q4_group<3>(xm, k, group_bytes, d, mins, sm, n, g * kGroup, ym, k); break;
+          default: q4_group<4>(xm, k, group_bytes, d, mins, sm, n, g * kGroup, ym, k); break;
+        }
+      }
+    }
   });
 }
 
@@ -260,18 +275,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const at::Half* md = mins.data_ptr<at::Half>();
   at::BFloat16* yd = y.data_ptr<at::BFloat16>();
 #ifdef RILLM_Q4_AVX512
-  // Rows of x four at a time: a group's 4 x 4 accumulators fit the 32 vector registers.
-  for (int64_t m0 = 0; m0 < rows; m0 += 4) {
-    const at::BFloat16* xm = xd + m0 * k;
-    const float* sm = sums.data() + m0 * (k / kBlock);
-    at::BFloat16* ym = yd + m0 * n;
-    switch (std::min<int64_t>(rows - m0, 4)) {
-      case 1: q4_linear_tile<1>(xm, k, p, dd, md, sm, n, ym); break;
-      case 2: q4_linear_tile<2>(xm, k, p, dd, md, sm, n, ym); break;
-      case 3: q4_linear_tile<3>(xm, k, p, dd, md, sm, n, ym); break;
-      default: q4_linear_tile<4>(xm, k, p, dd, md, sm, n, ym); break;
-    }
-  }
+  q4_linear_avx512(xd, rows, k, p, dd, md, sums.data(), n, yd);
 #else
   q4_linear_portable(xd, rows, p, dd, md, n, k, sums.data(), yd);
 #endif
