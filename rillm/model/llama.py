@@ -9,8 +9,9 @@ cache; there is no batch dimension and no padding.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -266,7 +267,7 @@ def build_model(
     hold every tensor (the embedding lookup reads the dense copy). `cpu_kernels`: rillm's C++
     kernels are loaded (rillm/kernels); RMSNorm outside float32 and the int4 matmuls use them.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         model = LlamaForCausalLM(config)
     state = _pack(weights)
     swapped = (_quantize_linears(model, config, state, quantized, dtype, cpu_kernels)
@@ -332,6 +333,26 @@ def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
                                 config.num_key_value_heads, config.rms_norm_eps)
     model.fused_decode_int4_rows = min(int4_rows, default=0)
     model.fused_decode_rows = (1 << 30) if packed else model.fused_decode_int4_rows
+
+
+@contextlib.contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Skip the random initialisation of Linear and Embedding weights: every parameter is
+    replaced by the checkpoint's. On the meta device it would compute nothing, but its first
+    call imports torch._dynamo (~1.1 s of a server's start-up)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_")
+    saved = {name: getattr(nn.init, name) for name in names}
+
+    def keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return tensor
+
+    try:
+        for name in names:
+            setattr(nn.init, name, keep)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def _pack(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

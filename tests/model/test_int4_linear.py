@@ -112,3 +112,15 @@ def test_quantized_model_swaps_every_matrix_and_keeps_the_rest(default_loaded, c
         embed[:4].detach().float().numpy(),
         default_loaded.weights["model.embed_tokens.weight"][:4].bfloat16().float().numpy(),
     )
+
+
+def test_building_a_model_leaves_torchs_init_functions_as_they_were(default_loaded):
+    # build_model skips the random init of the meta-device modules by swapping nn.init's
+    # functions for the duration (their first call would import torch._dynamo, ~1 s).
+    before = (torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_)
+    build_model(default_loaded.config, default_loaded.weights, torch.float32, torch.device("cpu"))
+    after = (torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_)
+    assert after == before
+    weight = torch.empty(4, 4)
+    torch.nn.init.normal_(weight)
+    assert weight.std() > 0

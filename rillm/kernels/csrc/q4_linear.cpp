@@ -69,24 +69,34 @@ at::Tensor q4_pack(const at::Tensor& q) {
   TORCH_CHECK(n % kGroup == 0, "q4_pack needs N divisible by ", kGroup, ", got ", n);
   TORCH_CHECK(k % 64 == 0 && k > 0, "q4_pack needs K divisible by 64, got ", k);
   const auto src = q.contiguous();
+  TORCH_CHECK(n == 0 || src.max().item<uint8_t>() < 16, "q4_pack: q must lie in [0, 16)");
   const uint8_t* in = src.data_ptr<uint8_t>();
   auto packed = at::zeros({n / kGroup, k / 2 * kGroup}, q.options());
   uint8_t* out = packed.data_ptr<uint8_t>();
   const int64_t row_bytes = k / 2;
-  for (int64_t row = 0; row < n; ++row) {
-    const int64_t group = row / kGroup, r = row % kGroup;
-    uint8_t* group_out = out + group * row_bytes * kGroup;
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const uint8_t value = in[row * k + kk];
-      TORCH_CHECK(value < 16, "q4_pack: q must lie in [0, 16)");
-      const int64_t chunk = kk / kChunk;
-      const bool tail = (chunk + 1) * kChunk > k;
-      const int64_t chunk_bytes = tail ? kChunk / 4 : kChunk / 2;
-      const NibblePlace place = place_in_chunk(kk % kChunk, tail);
-      uint8_t& byte = group_out[chunk * (kChunk / 2) * kGroup + r * chunk_bytes + place.byte];
-      byte |= place.high ? static_cast<uint8_t>(value << 4) : value;
-    }
+  // Where each of a row's K nibbles goes within its group's bytes: the same for every row.
+  std::vector<int64_t> offset(k);
+  std::vector<uint8_t> shift(k);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const int64_t chunk = kk / kChunk;
+    const bool tail = (chunk + 1) * kChunk > k;
+    const NibblePlace place = place_in_chunk(kk % kChunk, tail);
+    offset[kk] = chunk * (kChunk / 2) * kGroup + place.byte;
+    shift[kk] = place.high ? 4 : 0;
   }
+  at::parallel_for(0, n / kGroup, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      uint8_t* group_out = out + group * row_bytes * kGroup;
+      for (int64_t r = 0; r < kGroup; ++r) {
+        const uint8_t* row_in = in + (group * kGroup + r) * k;
+        for (int64_t kk = 0; kk < k; ++kk) {
+          const int64_t chunk = kk / kChunk;
+          const int64_t chunk_bytes = (chunk + 1) * kChunk > k ? kChunk / 4 : kChunk / 2;
+          group_out[offset[kk] + r * chunk_bytes] |= static_cast<uint8_t>(row_in[kk] << shift[kk]);
+        }
+      }
+    }
+  });
   return packed;
 }
 
