@@ -35,9 +35,9 @@ class EngineConfig:
     keeps the count per thread); None: every core this process may run on."""
     cpu_kernels: bool = True
     """On the CPU, use rillm's C++ kernels (rillm/kernels: decode attention read from the paged
-    cache in place, rotary + K/V cache write in one op, RMSNorm outside float32), compiled on
-    first use and cached; where they cannot be built, or False, the pure PyTorch path (same
-    results to rounding)."""
+    cache in place, rotary + K/V cache write in one op, RMSNorm outside float32, the int4
+    matmul, a decoder layer of a decode step as one op), compiled on first use and cached;
+    where they cannot be built, or False, the pure PyTorch path (same results to rounding)."""
     quantization: str = "auto"
     """What to do with a GGUF file's Q4_1 / Q8_0 matrices: "int4" keeps them quantized and
     multiplies with the CPU int4 kernel (activations in bfloat16 unless `dtype` names another),

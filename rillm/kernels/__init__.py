@@ -16,7 +16,7 @@ The source is compiled with the machine's C++ compiler against the installed tor
 (`-march=native`: the CPU's own vector instructions) into `~/.cache/rillm/kernels/`, named by a
 hash of the source, the flags, torch's and Python's versions and the CPU's feature flags, so a
 change to any of them builds anew and a home directory shared by different machines never loads
-a binary built for another CPU. A build takes ~10 s; `make install` (and `python -m
+a binary built for another CPU. A build takes ~30 s; `make install` (and `python -m
 rillm.kernels`) does it ahead of the first `rillm serve`. Where there is no compiler or the build
 fails, `load_cpu_kernels` says why in the log and returns False: the engine then runs the pure
 PyTorch path, which gives the same results to rounding.
