@@ -129,7 +129,9 @@ def test_sdk_with_the_key_and_a_served_name(guarded_server):
 
 
 def test_full_queue_answers_429_with_retry_after(guarded_server):
-    body = {"model": "house-model", "prompt": "Count:", "max_tokens": 80, "ignore_eos": True}
+    # Long enough that the queue stays full while the third request is sent, however fast the
+    # engine decodes (~6 ms a token here).
+    body = {"model": "house-model", "prompt": "Count:", "max_tokens": 400, "ignore_eos": True}
     statuses: list[int] = []
 
     def send():

@@ -99,7 +99,9 @@ def test_completions_stream_and_continuous_usage(server):
 def test_keep_alive_comments_while_waiting_in_the_queue(guarded_server):
     import threading
 
-    long_body = {"model": "house-model", "prompt": "Count:", "max_tokens": 60,
+    # Long enough to keep the only sequence slot for several keep-alive intervals (0.3 s) at
+    # any decode speed this machine reaches (~6 ms a token).
+    long_body = {"model": "house-model", "prompt": "Count:", "max_tokens": 400,
                  "ignore_eos": True}
     blocker = threading.Thread(target=lambda: httpx.post(
         f"{guarded_server.v1}/completions", json=long_body, headers=guarded_server.headers(),
