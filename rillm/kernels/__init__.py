@@ -10,7 +10,9 @@
 - `q4_linear` and `q4_pack` (csrc/q4_linear.cpp): a few rows of activations times 4-bit
   block-quantized weights (GGUF Q4_1's form), the decode step's matmuls, at memory speed;
 - `decode_layer` (csrc/decode_layer.cpp): a whole decoder layer for a decode step of a few
-  sequences on the kernels above, called directly instead of ~30 Python-side calls.
+  sequences on the kernels above, called directly instead of ~30 Python-side calls;
+- `argmax_rows` (csrc/argmax.cpp): torch.argmax(dim=-1) of float32 logits, rows on every
+  thread (the sampler's greedy pick and Gumbel-max draw).
 
 The source is compiled with the machine's C++ compiler against the installed torch's headers
 (`-march=native`: the CPU's own vector instructions) into `~/.cache/rillm/kernels/`, named by a
@@ -41,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(_CSRC / name for name in ("paged_attention.cpp", "rotary_cache.cpp",
-                                          "rms_norm.cpp", "q4_linear.cpp", "decode_layer.cpp"))
+                                          "rms_norm.cpp", "q4_linear.cpp", "decode_layer.cpp",
+                                          "argmax.cpp"))
 HEADERS = (_CSRC / "kernels.h",)
 CXX_FLAGS = (
     "-O3",

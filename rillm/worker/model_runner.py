@@ -53,7 +53,7 @@ class ModelRunner:
                     device)
             for _ in range(config.num_hidden_layers)
         ]
-        self.sampler = Sampler()
+        self.sampler = Sampler(cpu_kernels)
         self.threads = threads
         self.cpu_kernels = cpu_kernels
 

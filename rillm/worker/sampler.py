@@ -16,7 +16,7 @@ it is recomputed after preemption.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -177,7 +177,12 @@ class Sampler:
 
     Never modifies the logits it is given. On a batch with top_p it reads one integer back
     from the device (the size of the candidate set it must sort); everything else is async.
+    `cpu_kernels`: rillm's C++ kernels are loaded; the argmaxes of CPU float32 logits run on
+    `torch.ops.rillm.argmax_rows` (the same answers as torch.argmax, on every thread).
     """
+
+    def __init__(self, cpu_kernels: bool = False) -> None:
+        self._argmax = _kernel_argmax if cpu_kernels else _torch_argmax
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape != (batch.num_rows, batch.vocab_size):
@@ -192,11 +197,11 @@ class Sampler:
 
         logits = _process_logits(logits, batch)
         if batch.all_greedy:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = self._argmax(logits)
         else:
-            token_ids = _sample(logits, batch)
+            token_ids = _sample(logits, batch, self._argmax)
             if batch.any_greedy:
-                token_ids = torch.where(batch.greedy, logits.argmax(dim=-1), token_ids)
+                token_ids = torch.where(batch.greedy, self._argmax(logits), token_ids)
 
         if raw_logprobs is None:
             return SamplerOutput(token_ids=token_ids)
@@ -242,7 +247,18 @@ def unpack_bitmask(bitmask: Tensor, vocab_size: int) -> Tensor:
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
-def _sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
+def _torch_argmax(x: Tensor) -> Tensor:
+    return x.argmax(dim=-1)
+
+
+def _kernel_argmax(x: Tensor) -> Tensor:
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1]:
+        return torch.ops.rillm.argmax_rows.default(x)
+    return x.argmax(dim=-1)
+
+
+def _sample(logits: Tensor, batch: SamplingBatch,
+            argmax: Callable[[Tensor], Tensor] = _torch_argmax) -> Tensor:
     """Temperature, min_p, top_k, top_p, then a Gumbel-max draw: argmax(x + G) with
     G = -log(-log u) picks token i with probability softmax(x)_i, so no softmax is needed."""
     x = logits / batch.temperature[:, None]
@@ -255,7 +271,7 @@ def _sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
     if batch.top_p is not None:
         _mask_top_p_(x, batch.top_p)
     x.add_(_gumbel_noise(batch))
-    return x.argmax(dim=-1)
+    return argmax(x)
 
 
 def _mask_top_k_(x: Tensor, top_k: Tensor, max_top_k: int) -> None:
