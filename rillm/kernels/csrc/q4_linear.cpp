@@ -182,23 +182,25 @@ void q4_group(const at::BFloat16* x, int64_t k, const uint8_t* group_bytes, cons
     }
   }
   const __m512 zero = _mm512_setzero_ps();
+  // Block b of row r (its 32 weights as bf16 words 128 + q) against every row of x.
+  auto add_block = [&](int r, int64_t b, __m512i words) {
+    const __m512 scale = _mm512_set1_ps(dq[r][b]);
+    for (int m = 0; m < kRows; ++m) {
+      const __m512i xb = _mm512_loadu_si512(x + m * x_stride_rows + b * kBlock);
+      acc[r][m] =
+          _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, as_bh(words), as_bh(xb)), scale, acc[r][m]);
+    }
+  };
   for (int64_t c = 0; c < full_chunks; ++c) {
     const uint8_t* chunk = group_bytes + c * (kChunk / 2) * kGroup;
     for (int r = 0; r < kGroup; ++r) {
       const __m512i v = _mm512_loadu_si512(chunk + r * (kChunk / 2));
       const __m512i lo = _mm512_and_si512(v, low4);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-      const __m512i w[4] = {_mm512_unpacklo_epi8(lo, bf16_128), _mm512_unpackhi_epi8(lo, bf16_128),
-                            _mm512_unpacklo_epi8(hi, bf16_128), _mm512_unpackhi_epi8(hi, bf16_128)};
-      for (int j = 0; j < 4; ++j) {
-        const int64_t b = c * 4 + j;
-        const __m512 scale = _mm512_set1_ps(dq[r][b]);
-        for (int m = 0; m < kRows; ++m) {
-          const __m512i xb = _mm512_loadu_si512(x + m * x_stride_rows + b * kBlock);
-          acc[r][m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, as_bh(w[j]), as_bh(xb)), scale,
-                                      acc[r][m]);
-        }
-      }
+      add_block(r, c * 4, _mm512_unpacklo_epi8(lo, bf16_128));
+      add_block(r, c * 4 + 1, _mm512_unpackhi_epi8(lo, bf16_128));
+      add_block(r, c * 4 + 2, _mm512_unpacklo_epi8(hi, bf16_128));
+      add_block(r, c * 4 + 3, _mm512_unpackhi_epi8(hi, bf16_128));
     }
   }
   if (full_chunks * kChunk < k) {  // the 64-weight tail
@@ -208,17 +210,8 @@ void q4_group(const at::BFloat16* x, int64_t k, const uint8_t* group_bytes, cons
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + r * 32));
       const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
-      const __m512i w[2] = {_mm512_or_si512(_mm512_cvtepu8_epi16(lo), word_128),
-                            _mm512_or_si512(_mm512_cvtepu8_epi16(hi), word_128)};
-      for (int j = 0; j < 2; ++j) {
-        const int64_t b = full_chunks * 4 + j;
-        const __m512 scale = _mm512_set1_ps(dq[r][b]);
-        for (int m = 0; m < kRows; ++m) {
-          const __m512i xb = _mm512_loadu_si512(x + m * x_stride_rows + b * kBlock);
-          acc[r][m] = _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, as_bh(w[j]), as_bh(xb)), scale,
-                                      acc[r][m]);
-        }
-      }
+      add_block(r, full_chunks * 4, _mm512_or_si512(_mm512_cvtepu8_epi16(lo), word_128));
+      add_block(r, full_chunks * 4 + 1, _mm512_or_si512(_mm512_cvtepu8_epi16(hi), word_128));
     }
   }
   for (int m = 0; m < kRows; ++m)
