@@ -37,6 +37,11 @@ class EngineStats:
     num_preemptions: int
 
 
+def _put_all(batch: list[tuple[_Mailbox, RequestOutput]]) -> None:
+    for mailbox, output in batch:
+        mailbox.put(output)
+
+
 class _Mailbox:
     """One request's outputs, merged while unread. Lives on the event loop thread."""
 
@@ -187,8 +192,7 @@ class AsyncEngine:
                 block = not self.engine.has_unfinished_requests()
                 self._drain_inbox(block)
                 if self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
-                        self._deliver(output.request_id, output, output.finished)
+                    self._deliver_step(self.engine.step())
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
             logger.exception("engine loop crashed")
             self.error = exc
@@ -227,6 +231,23 @@ class AsyncEngine:
             if message[0] == "add":
                 loop, mailbox = message[5], message[6]
                 loop.call_soon_threadsafe(mailbox.put, error)
+
+    def _deliver_step(self, outputs: Sequence[RequestOutput]) -> None:
+        """A step's outputs, one wake-up of each event loop for all of them: a wake-up per
+        output (a write to the loop's self-pipe, a callback) cost ~5% of a decode step at 8
+        requests, most of it the engine thread waiting for the GIL while the loop ran."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Mailbox, RequestOutput]]] = {}
+        for output in outputs:
+            request_id = output.request_id
+            route = (self._routes.pop(request_id, None) if output.finished
+                     else self._routes.get(request_id))
+            if route is not None:
+                batches.setdefault(route[0], []).append((route[1], output))
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the callers' event loop is closed
+                self.engine.abort_request([o.request_id for _, o in batch if not o.finished])
 
     def _deliver(
         self, request_id: str, item: RequestOutput | BaseException, last: bool
