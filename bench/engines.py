@@ -3,7 +3,8 @@
 A spec is `NAME[@THREADS]`: float32, bfloat16 (dense weights of that dtype) or int4 (a GGUF
 file's Q4_1 / Q8_0 matrices kept quantized, float32 activations), int4-bf16 (the same with
 bfloat16 activations), int4-bf16-pt (the same on PyTorch's kernels alone: no rillm C++
-kernels); `@1` or `@2` sets torch's intra-op threads while that engine runs.
+kernels), int8-bf16 (quantization int8: int4 up to 4 rows, int8 matmuls above); `@1` or `@2`
+sets torch's intra-op threads while that engine runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ SPECS = {
     "int4-bf16": ("bfloat16", "int4"),
     "int4x-bf16": ("bfloat16", "int4"),
     "int4-bf16-pt": ("bfloat16", "int4"),
+    "int8-bf16": ("bfloat16", "int8"),
 }
 NO_CPU_KERNELS = {"int4-bf16-pt"}
 EXACT = {"int4x-bf16"}
@@ -55,7 +57,8 @@ def make_engine(spec: str, loaded: LoadedModel, **options: object) -> BenchEngin
         # The engine does not pass the quantized blocks on yet: rebuild its runner with them.
         old = engine.runner
         model = build_model(loaded.config, loaded.weights, engine.dtype, torch.device("cpu"),
-                            quantized=loaded.quantized, cpu_kernels=old.cpu_kernels)
+                            quantized=loaded.quantized, cpu_kernels=old.cpu_kernels,
+                            dense_int8=quantization == "int8")
         num_blocks = old.caches[0].key.shape[1] // old.block_size
         engine.runner = ModelRunner(model, loaded.config, num_blocks, old.block_size,
                                     engine.dtype, torch.device("cpu"), cpu_kernels=old.cpu_kernels)

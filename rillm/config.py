@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+QUANTIZATIONS = ("auto", "none", "int4", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16",
                  "fp16": "float16"}
@@ -46,7 +47,10 @@ class EngineConfig:
     (BENCHMARKS.md). Above 4 rows int4 hands over to a bfloat16 copy of the same weights
     packed for oneDNN (prefill, decode batches of 5+), and bfloat16 rounding depends on the
     kernels' blocking, so unlike "none" a request's greedy tokens can differ alone and in a
-    batch; "none" is the exact, batch-invariant reference path."""
+    batch; "none" is the exact, batch-invariant reference path. "int8" (opt-in, CPU, a GGUF
+    file) is "int4" with that copy in int8 instead of bfloat16: weights rounded to int8 per
+    output row, activations per row on every call, int8 matmuls (1.2-2x faster than bfloat16
+    from 8 rows up); lossy beyond the file's own quantization (perplexity in BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -59,10 +63,11 @@ class EngineConfig:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         _ = self.torch_dtype  # raises for an unknown dtype
-        if self.quantization not in ("auto", "none", "int4"):
-            raise ValueError(f"quantization must be auto, none or int4; got {self.quantization!r}")
-        if self.quantization == "int4" and self.device != "cpu":
-            raise ValueError("quantization int4 runs on the CPU only")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be {', '.join(QUANTIZATIONS)}; "
+                             f"got {self.quantization!r}")
+        if self.quantization in ("int4", "int8") and self.device != "cpu":
+            raise ValueError(f"quantization {self.quantization} runs on the CPU only")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -78,7 +83,7 @@ class EngineConfig:
         """Whether the model keeps a GGUF file's quantized matrices (see `quantization`)."""
         if self.quantization == "auto":
             return self.dtype == "auto" and self.device == "cpu"
-        return self.quantization == "int4"
+        return self.quantization in ("int4", "int8")
 
     def model_dtype(self, quantized: bool) -> torch.dtype:
         """The activations' dtype for a model that does (or does not) keep int4 weights: the

@@ -73,6 +73,15 @@ def exact_engine(make_engine):
 
 
 @pytest.fixture(scope="session")
+def int8_engine(make_engine):
+    """`quantization="int8"` (opt-in): int8 matmuls above the int4 kernel's rows. Leave it
+    empty."""
+    engine = make_engine(quantization="int8")
+    yield engine
+    assert not engine.has_unfinished_requests()
+
+
+@pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     """The default model, default settings (but a short keep-alive)."""
     yield from start_server("--keepalive-interval", "1")

@@ -65,10 +65,13 @@ class LLMEngine:
         self.chat_template = loaded.chat_template
         device = torch.device(config.device)
         quantized = loaded.quantized if config.keep_gguf_quantization else {}
+        if config.quantization == "int8" and not quantized:
+            raise ValueError("quantization int8 needs a GGUF file with Q4_1 or Q8_0 matrices; "
+                             f"{loaded.path} has none")
         self.dtype = config.model_dtype(bool(quantized))
         cpu_kernels = device.type == "cpu" and config.cpu_kernels and load_cpu_kernels()
         model = build_model(loaded.config, loaded.weights, self.dtype, device, quantized=quantized,
-                            cpu_kernels=cpu_kernels)
+                            cpu_kernels=cpu_kernels, dense_int8=config.quantization == "int8")
 
         num_blocks = config.num_kv_blocks or self._blocks_for_space(config)
         capacity = num_blocks * config.block_size

@@ -12,7 +12,10 @@
 - `decode_layer` (csrc/decode_layer.cpp): a whole decoder layer for a decode step of a few
   sequences on the kernels above, called directly instead of ~30 Python-side calls;
 - `argmax_rows` (csrc/argmax.cpp): torch.argmax(dim=-1) of float32 logits, rows on every
-  thread (the sampler's greedy pick and Gumbel-max draw).
+  thread (the sampler's greedy pick and Gumbel-max draw);
+- `int8_quantize_rows`, `int8_linear` and `int8_pack` (csrc/int8_linear.cpp): bfloat16 rows
+  quantized to int8 on the fly times int8 weights with a scale per output row
+  (`quantization="int8"`).
 
 The source is compiled with the machine's C++ compiler against the installed torch's headers
 (`-march=native`: the CPU's own vector instructions) into `~/.cache/rillm/kernels/`, named by a
@@ -44,7 +47,7 @@ logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(_CSRC / name for name in ("paged_attention.cpp", "rotary_cache.cpp",
                                           "rms_norm.cpp", "q4_linear.cpp", "decode_layer.cpp",
-                                          "argmax.cpp"))
+                                          "argmax.cpp", "int8_linear.cpp"))
 HEADERS = (_CSRC / "kernels.h",)
 CXX_FLAGS = (
     "-O3",

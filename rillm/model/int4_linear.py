@@ -20,6 +20,11 @@ while reading the weights from memory is the cost, a quarter of the bytes of bfl
 `MAX_INT4_ROWS` rows a bfloat16 copy of the dequantized weights is used instead, packed once for
 oneDNN (`torch.ops.mkldnn._reorder_linear_weight`): packed, a bfloat16 matmul skips the
 per-call reorder of the weights that `F.linear` does, and is 1.1-2x faster than it at 6-128 rows.
+
+With `quantization="int8"` (opt-in: lossy beyond the file's own quantization) that copy is int8
+instead (`Int8Weight`): the dequantized weights rounded to int8 with one scale per output row,
+each input row rounded to int8 with its own scale on every call, an int8 matmul (VNNI), 1.2-2x
+faster than the packed bfloat16 one from 8 rows up.
 """
 
 from __future__ import annotations
@@ -93,7 +98,8 @@ def rillm_q4_available() -> bool:
 
 class Int4Linear(nn.Module):
     """`y = x W^T (+ b)` with W held as int4 groups (for inputs of up to `max_int4_rows` rows)
-    and as oneDNN-packed bfloat16 (above); x of any float dtype, y in x's dtype.
+    and as oneDNN-packed bfloat16, or int8 with `dense_int8` (above); x of any float dtype, y in
+    x's dtype.
 
     Several GGUF matrices with the same input (Q, K and V; gate and up) may be packed into one
     by concatenating their rows: one kernel call instead of several. `rillm_kernel`: use rillm's
@@ -107,8 +113,10 @@ class Int4Linear(nn.Module):
         bias: torch.Tensor | None = None,
         max_int4_rows: int = MAX_INT4_ROWS,
         rillm_kernel: bool = False,
+        dense_int8: bool = False,
     ) -> None:
-        """`dense`: the dequantized weights `[out, in]` (any float dtype; kept as bfloat16)."""
+        """`dense`: the dequantized weights `[out, in]` (any float dtype), kept as bfloat16, or
+        as int8 with `dense_int8`."""
         super().__init__()
         self.in_features = parts[0].shape[1]
         self.out_features = dense.shape[0]
@@ -137,7 +145,8 @@ class Int4Linear(nn.Module):
             self.scales_and_zeros = (
                 torch.stack((d.float(), zero), dim=-1).transpose(0, 1).contiguous().bfloat16()
             )  # [K'/32, N, 2]
-        self.dense = BFloat16Weight(dense)
+        self.dense: BFloat16Weight | Int8Weight = (
+            Int8Weight(dense) if dense_int8 else BFloat16Weight(dense))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,3 +180,81 @@ class BFloat16Weight:
         if self.packed:
             return _PACKED_MM(x.contiguous(), self.weight, None, "none", [], "")
         return F.linear(x, self.weight)
+
+
+ROTATION = 64
+"""Int8Weight rotates the inputs of a layer whose width is a multiple of this by blocks of the
+Hadamard matrix of this order (see csrc/int8_linear.cpp)."""
+
+
+def rotate_blocks(x: torch.Tensor) -> torch.Tensor:
+    """Each block of 64 along the last dimension of float32 `x` times H_64 / 8 (orthonormal,
+    symmetric): butterflies (a, b) -> (a + b, a - b) at strides 1, 2, ..., 32, the order of
+    csrc/int8_linear.cpp's rotate64, so the same bits."""
+    shape = x.shape
+    for h in (1, 2, 4, 8, 16, 32):
+        pairs = x.reshape(-1, ROTATION // (2 * h), 2, h)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        x = torch.stack((a + b, a - b), dim=2)
+    return (x * 0.125).reshape(shape)
+
+
+def quantize_rows_reference(x: torch.Tensor, rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of `x` (rotated by `rotate_blocks` with `rotate`) as int8 with its own scale:
+    (q int8, scale float32 [rows]) with `x ~ q * scale`, scale = absmax / 127,
+    q = round-half-even(x * (127 / absmax)) clamped to +-127; a row of zeros has scale 0. The
+    rule of torch.ops.rillm.int8_quantize_rows (csrc/int8_linear.cpp), which gives the same
+    bits."""
+    x = x.float()
+    if rotate:
+        x = rotate_blocks(x)
+    absmax = x.abs().amax(dim=-1)
+    # 127 / absmax as a division: `127 / tensor` is reciprocal(tensor) * 127, another rounding.
+    inverse = torch.where(absmax > 0, torch.full_like(absmax, 127.0) / absmax, 0.0)
+    q = torch.round(x * inverse[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, absmax / 127
+
+
+class Int8Weight:
+    """A CPU weight `[out, in]` as int8 with a float32 scale per output row, called on a 2-D
+    bfloat16 input: the input rows are quantized the same way on each call and
+    `y = ((q_x q_w^T) * s_w) * s_x` is rounded to bfloat16. Where `in` is a multiple of
+    `ROTATION` both sides are rotated first (`rotate_blocks`; the product is unchanged, the
+    rounding error of the activations much smaller). On rillm's C++ kernel (`int8_linear`)
+    where it is loaded, else the same arithmetic as PyTorch ops (same bits, several times
+    slower)."""
+
+    packed = True
+    """Takes any number of rows (as BFloat16Weight.packed says of its oneDNN layout)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.rotate = weight.shape[1] % ROTATION == 0
+        q, scales = quantize_rows_reference(weight, self.rotate)
+        self.scales = scales.contiguous()
+        self.kernel = _rillm_int8_linear()
+        # Packed once into oneDNN's layout for its int8 matmul (as BFloat16Weight): unpacked,
+        # every call reorders the whole matrix, as slow as the bfloat16 matmul it replaces.
+        self.packed_for_onednn = self.kernel is not None and torch.backends.mkldnn.is_available()
+        self.weight = (torch.ops.onednn.qlinear_prepack(q, None) if self.packed_for_onednn
+                       else q.contiguous())
+        # And a second copy for decode batches (up to 16 rows), in the layout of rillm's own
+        # int8 matmul, which reads it near memory speed where oneDNN's reaches about half.
+        out_features, in_features = q.shape
+        self.few_rows = (torch.ops.rillm.int8_pack(q) if self.kernel is not None
+                         and torch.ops.rillm.int8_pack_vectorized()
+                         and out_features % 16 == 0 and in_features % 4 == 0 else None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.scales, self.rotate, self.few_rows)
+        q, scales = quantize_rows_reference(x, self.rotate)
+        acc = torch._int_mm(q, self.weight.t()) if q.shape[0] else q.new_zeros(
+            (0, self.weight.shape[0]), dtype=torch.int32)
+        return ((acc.float() * self.scales[None, :]) * scales[:, None]).to(x.dtype)
+
+
+def _rillm_int8_linear():  # type: ignore[no-untyped-def]
+    try:
+        return torch.ops.rillm.int8_linear.default
+    except (AttributeError, RuntimeError):
+        return None

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rillm.model.config import ModelArchConfig
-from rillm.model.int4_linear import GGUFBlocks, Int4Linear
+from rillm.model.int4_linear import GGUFBlocks, Int4Linear, Int8Weight
 from rillm.worker.attention import AttentionMetadata, KVCache, paged_attention
 
 PACKED_MODULES: dict[str, tuple[str, ...]] = {
@@ -258,6 +258,7 @@ def build_model(
     device: torch.device,
     quantized: Mapping[str, GGUFBlocks] | None = None,
     cpu_kernels: bool = False,
+    dense_int8: bool = False,
 ) -> LlamaForCausalLM:
     """Build on the meta device and take the checkpoint's tensors as the parameters.
 
@@ -266,11 +267,13 @@ def build_model(
     and multiplies with the int4 kernel (CPU only; see int4_linear.py); `weights` must still
     hold every tensor (the embedding lookup reads the dense copy). `cpu_kernels`: rillm's C++
     kernels are loaded (rillm/kernels); RMSNorm outside float32 and the int4 matmuls use them.
+    `dense_int8`: the quantized Linears' copy for more rows than the int4 kernel takes is int8
+    (`quantization="int8"`), not bfloat16.
     """
     with torch.device("meta"), _no_random_init():
         model = LlamaForCausalLM(config)
     state = _pack(weights)
-    swapped = (_quantize_linears(model, config, state, quantized, dtype, cpu_kernels)
+    swapped = (_quantize_linears(model, config, state, quantized, dtype, cpu_kernels, dense_int8)
                if quantized else [])
     for name in swapped:
         state.pop(f"{name}.weight", None)
@@ -308,8 +311,8 @@ def build_model(
 def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
     """Let decode steps run each layer as one C++ op where every layer is what that op does:
     bfloat16, RMSNorm on the C++ kernel, all four matmuls on rillm's int4 kernel (no bias, no
-    doubled input) with oneDNN-packed bfloat16 copies, no q/k norms. Without the packed copies
-    (PyTorch without oneDNN) only steps within the int4 kernel's rows."""
+    doubled input) with oneDNN-packed bfloat16 or int8 copies, no q/k norms. Without the packed
+    copies (PyTorch without oneDNN) only steps within the int4 kernel's rows."""
     weights: list[list[torch.Tensor]] = []
     int4_rows: list[int] = []
     packed = True
@@ -325,7 +328,12 @@ def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
             return
         blocks = [t for m in linears for t in (m.packed, m.scales, m.mins)]
         dense = [m.dense.weight for m in linears]
-        weights.append([norms[0].weight, *blocks[:6], norms[1].weight, *blocks[6:], *dense])
+        # Per-row scales and the few-rows packing of int8 copies; empty for bfloat16 ones.
+        int8 = [m.dense if isinstance(m.dense, Int8Weight) else None for m in linears]
+        dense_scales = [_EMPTY if w is None else w.scales for w in int8]
+        few_rows = [_EMPTY if w is None or w.few_rows is None else w.few_rows for w in int8]
+        weights.append([norms[0].weight, *blocks[:6], norms[1].weight, *blocks[6:], *dense,
+                        *dense_scales, *few_rows])
         int4_rows.extend(m.max_int4_rows for m in linears)
         packed = packed and all(m.dense.packed for m in linears)
     model.fused_decode_weights = weights
@@ -333,6 +341,9 @@ def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
                                 config.num_key_value_heads, config.rms_norm_eps)
     model.fused_decode_int4_rows = min(int4_rows, default=0)
     model.fused_decode_rows = (1 << 30) if packed else model.fused_decode_int4_rows
+
+
+_EMPTY = torch.empty(0)
 
 
 @contextlib.contextmanager
@@ -373,6 +384,7 @@ def _quantize_linears(
     quantized: Mapping[str, GGUFBlocks],
     dtype: torch.dtype,
     cpu_kernels: bool,
+    dense_int8: bool,
 ) -> list[str]:
     """Swap in Int4Linear for every Linear whose checkpoint matrices are all quantized (on
     rillm's int4 kernel with `cpu_kernels`). `state`: the packed checkpoint. Returns the
@@ -397,7 +409,8 @@ def _quantize_linears(
         bias = None if bias is None else bias.to(dtype)
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
-        linear = Int4Linear(blocks, dense, bias, rillm_kernel=cpu_kernels)  # type: ignore[arg-type]
+        linear = Int4Linear(blocks, dense, bias,  # type: ignore[arg-type]
+                            rillm_kernel=cpu_kernels, dense_int8=dense_int8)
         setattr(owner, attr, linear)
         swapped.append(name)
     return swapped

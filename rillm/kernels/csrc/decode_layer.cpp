@@ -11,7 +11,7 @@
 //
 // Up to `int4_rows` sequences the four matmuls run on rillm's int4 kernel; above, on the
 // oneDNN-packed bfloat16 copies of the same weights (mkldnn::_linear_pointwise, as
-// Int4Linear does).
+// Int4Linear does) or, with quantization="int8", on int8 copies (int8_linear.cpp).
 //
 // Registered as torch.ops.rillm.decode_layer (see rillm/kernels/__init__.py); the Python side
 // is LlamaModel's fused decode path (rillm/model/llama.py).
@@ -36,7 +36,9 @@ enum Weight : int64_t {
   kPostNorm,
   kGateUpPacked, kGateUpScales, kGateUpMins,
   kDownPacked, kDownScales, kDownMins,
-  kQkvDense, kODense, kGateUpDense, kDownDense,  // oneDNN-packed bfloat16
+  kQkvDense, kODense, kGateUpDense, kDownDense,  // oneDNN-packed bfloat16, or int8
+  kQkvDenseScales, kODenseScales, kGateUpDenseScales, kDownDenseScales,  // int8's; else empty
+  kQkvFewRows, kOFewRows, kGateUpFewRows, kDownFewRows,  // int8 packed for few rows, or empty
   kNumWeights,
 };
 
@@ -51,10 +53,17 @@ at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
   return op.call(x, weight, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), "");
 }
 
-// One of the layer's four matmuls: int4 blocks for few rows, packed bfloat16 for more.
+// One of the layer's four matmuls: int4 blocks for few rows, the packed bfloat16 or int8 copy
+// for more.
 at::Tensor linear(const at::Tensor& x, at::TensorList w, int64_t first, int64_t dense,
                   int64_t int4_rows) {
   if (x.size(0) <= int4_rows) return rillm::q4_linear(x, w[first], w[first + 1], w[first + 2]);
+  const int64_t scales = dense + (kQkvDenseScales - kQkvDense);
+  if (w[dense].scalar_type() == at::kChar) {
+    // Int8Weight's rule: inputs whose width is a multiple of 64 are rotated.
+    const int64_t few_rows = dense + (kQkvFewRows - kQkvDense);
+    return rillm::int8_linear(x, w[dense], w[scales], x.size(1) % 64 == 0, w[few_rows]);
+  }
   return packed_bf16_linear(x, w[dense]);
 }
 
