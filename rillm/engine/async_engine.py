@@ -13,7 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from rillm.config import EngineConfig
@@ -37,9 +37,12 @@ class EngineStats:
     num_preemptions: int
 
 
-def _put_all(batch: list[tuple[_Mailbox, RequestOutput]]) -> None:
-    for mailbox, output in batch:
-        mailbox.put(output)
+_Item = RequestOutput | BaseException
+
+
+def _put_all(batch: list[tuple[str, _Mailbox, _Item]]) -> None:
+    for _, mailbox, item in batch:
+        mailbox.put(item)
 
 
 class _Mailbox:
@@ -192,13 +195,12 @@ class AsyncEngine:
                 block = not self.engine.has_unfinished_requests()
                 self._drain_inbox(block)
                 if self.engine.has_unfinished_requests():
-                    self._deliver_step(self.engine.step())
+                    self._deliver((o.request_id, o, o.finished) for o in self.engine.step())
         except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
             logger.exception("engine loop crashed")
             self.error = exc
             dead = EngineDeadError(f"the engine stopped: {exc!r}")
-            for request_id in list(self._routes):
-                self._deliver(request_id, dead, True)
+            self._deliver([(request_id, dead, True) for request_id in self._routes])
             self._fail_inbox(dead)
 
     def _drain_inbox(self, block: bool) -> None:
@@ -215,7 +217,7 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(request_id, prompt_ids, params, prompt)
                 except ValueError as exc:
-                    self._deliver(request_id, exc, True)
+                    self._deliver([(request_id, exc, True)])
             elif kind == "abort":
                 self.engine.abort_request(message[1])
                 self._routes.pop(message[1], None)
@@ -232,31 +234,20 @@ class AsyncEngine:
                 loop, mailbox = message[5], message[6]
                 loop.call_soon_threadsafe(mailbox.put, error)
 
-    def _deliver_step(self, outputs: Sequence[RequestOutput]) -> None:
-        """A step's outputs, one wake-up of each event loop for all of them: a wake-up per
-        output (a write to the loop's self-pipe, a callback) cost ~5% of a decode step at 8
-        requests, most of it the engine thread waiting for the GIL while the loop ran."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Mailbox, RequestOutput]]] = {}
-        for output in outputs:
-            request_id = output.request_id
-            route = (self._routes.pop(request_id, None) if output.finished
-                     else self._routes.get(request_id))
+    def _deliver(
+        self, items: Iterable[tuple[str, RequestOutput | BaseException, bool]]
+    ) -> None:
+        """(request id, output or error, last) items to their mailboxes, one wake-up of each
+        event loop for all of them: a wake-up per output (a write to the loop's self-pipe, a
+        callback) cost ~5% of a decode step at 8 requests, most of it the engine thread waiting
+        for the GIL while the loop ran."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[str, _Mailbox, _Item]]] = {}
+        for request_id, item, last in items:
+            route = self._routes.pop(request_id, None) if last else self._routes.get(request_id)
             if route is not None:
-                batches.setdefault(route[0], []).append((route[1], output))
+                batches.setdefault(route[0], []).append((request_id, route[1], item))
         for loop, batch in batches.items():
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # the callers' event loop is closed
-                self.engine.abort_request([o.request_id for _, o in batch if not o.finished])
-
-    def _deliver(
-        self, request_id: str, item: RequestOutput | BaseException, last: bool
-    ) -> None:
-        route = self._routes.pop(request_id, None) if last else self._routes.get(request_id)
-        if route is None:
-            return
-        loop, mailbox = route
-        try:
-            loop.call_soon_threadsafe(mailbox.put, item)
-        except RuntimeError:  # the caller's event loop is closed
-            self.engine.abort_request(request_id)
+                self.engine.abort_request([request_id for request_id, _, _ in batch])

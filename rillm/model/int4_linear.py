@@ -184,7 +184,8 @@ class BFloat16Weight:
 
 ROTATION = 64
 """Int8Weight rotates the inputs of a layer whose width is a multiple of this by blocks of the
-Hadamard matrix of this order (see csrc/int8_linear.cpp)."""
+Hadamard matrix of this order (see csrc/int8_linear.cpp; kInt8Rotation in csrc/kernels.h is the
+same rule for decode_layer)."""
 
 
 def rotate_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -234,9 +235,8 @@ class Int8Weight:
         self.kernel = _rillm_int8_linear()
         # Packed once into oneDNN's layout for its int8 matmul (as BFloat16Weight): unpacked,
         # every call reorders the whole matrix, as slow as the bfloat16 matmul it replaces.
-        self.packed_for_onednn = self.kernel is not None and torch.backends.mkldnn.is_available()
-        self.weight = (torch.ops.onednn.qlinear_prepack(q, None) if self.packed_for_onednn
-                       else q.contiguous())
+        onednn = self.kernel is not None and torch.backends.mkldnn.is_available()
+        self.weight = torch.ops.onednn.qlinear_prepack(q, None) if onednn else q.contiguous()
         # And a second copy for decode batches (up to 16 rows), in the layout of rillm's own
         # int8 matmul, which reads it near memory speed where oneDNN's reaches about half.
         out_features, in_features = q.shape

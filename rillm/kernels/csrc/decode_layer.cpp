@@ -60,9 +60,9 @@ at::Tensor linear(const at::Tensor& x, at::TensorList w, int64_t first, int64_t 
   if (x.size(0) <= int4_rows) return rillm::q4_linear(x, w[first], w[first + 1], w[first + 2]);
   const int64_t scales = dense + (kQkvDenseScales - kQkvDense);
   if (w[dense].scalar_type() == at::kChar) {
-    // Int8Weight's rule: inputs whose width is a multiple of 64 are rotated.
     const int64_t few_rows = dense + (kQkvFewRows - kQkvDense);
-    return rillm::int8_linear(x, w[dense], w[scales], x.size(1) % 64 == 0, w[few_rows]);
+    return rillm::int8_linear(x, w[dense], w[scales], x.size(1) % rillm::kInt8Rotation == 0,
+                              w[few_rows]);
   }
   return packed_bf16_linear(x, w[dense]);
 }

@@ -58,7 +58,6 @@ namespace {
 // into (x * 127) / absmax and (acc * sw) * sx into acc * (sw * sx): other roundings.
 #define NO_REASSOCIATION __attribute__((optimize("no-associative-math")))
 
-constexpr int64_t kRotation = 64;  // the block of the Hadamard rotation
 
 float bf16_to_float(uint16_t bits) {
   const uint32_t word = static_cast<uint32_t>(bits) << 16;
@@ -121,7 +120,7 @@ NO_REASSOCIATION void rotate64(const uint16_t* x, float* out) {
 NO_REASSOCIATION float quantize_row(const uint16_t* x, int64_t n, bool rotate, bool offset,
                                     float* work, int8_t* out, int32_t* sum) {
   if (rotate) {
-    for (int64_t k = 0; k < n; k += kRotation) rotate64(x + k, work + k);
+    for (int64_t k = 0; k < n; k += rillm::kInt8Rotation) rotate64(x + k, work + k);
   } else {
     for (int64_t k = 0; k < n; ++k) work[k] = bf16_to_float(x[k]);
   }
@@ -293,8 +292,8 @@ namespace rillm {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x_in, bool rotate,
                                                              bool offset) {
   check_input(x_in);
-  TORCH_CHECK(!rotate || x_in.size(1) % kRotation == 0, "a rotated input's width must be a "
-              "multiple of ", kRotation, ", got ", x_in.size(1));
+  TORCH_CHECK(!rotate || x_in.size(1) % kInt8Rotation == 0, "a rotated input's width must be a "
+              "multiple of ", kInt8Rotation, ", got ", x_in.size(1));
   const auto x = x_in.contiguous();
   const int64_t rows = x.size(0), n = x.size(1);
   auto q = at::empty({rows, n}, x.options().dtype(offset ? at::kByte : at::kChar));

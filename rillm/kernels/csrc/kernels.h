@@ -23,6 +23,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
                      const at::Tensor& mins);
 
+// int8_linear rotates the inputs of a layer whose width is a multiple of this (Int8Weight's
+// rule, rillm/model/int4_linear.py ROTATION: its weights were rotated the same way).
+constexpr int64_t kInt8Rotation = 64;
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                        bool rotate, const std::optional<at::Tensor>& few_rows_weight);
 
