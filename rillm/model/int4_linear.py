@@ -1,9 +1,16 @@
-"""Linear layers that keep a GGUF file's quantized weights and multiply with a grouped-int4
-kernel: rillm's own (`torch.ops.rillm.q4_linear`, csrc/q4_linear.cpp) where the C++ kernels
-are loaded and the CPU has AVX-512 BF16, PyTorch's (`_weight_int4pack_mm_for_cpu`) otherwise.
+"""Linear layers that keep a GGUF file's quantized weights and multiply with them as they are.
 
-Both take bfloat16 activations and weights `w = d * q + m` with `q` in [0, 16), one (d, m) pair
-per group of 32 weights along K. Both GGUF formats of the default model map onto that:
+On a CPU with AVX-512 VNNI and rillm's C++ kernels loaded, the default: rillm's
+`gguf_linear` (csrc/gguf_linear.cpp) at every number of rows, on the file's own Q4_1 or Q8_0
+blocks with each block of 32 activations rounded to int8 (the arithmetic llama.cpp runs these
+files with); no other copy of the weights is kept. Its perplexity on the default model equals
+the dequantized float32 model's (bench/perplexity.py; tests/engine/test_int4_default.py).
+
+Elsewhere (or with `quantization="int8"`, or `gguf_kernel=False`) a grouped-int4 kernel for
+a few rows: rillm's own (`torch.ops.rillm.q4_linear`, csrc/q4_linear.cpp) where the CPU has
+AVX-512 BF16, PyTorch's (`_weight_int4pack_mm_for_cpu`) otherwise. Both take bfloat16
+activations and weights `w = d * q + m` with `q` in [0, 16), one (d, m) pair per group of 32
+weights along K. Both GGUF formats of the default model map onto that:
 
 - Q4_1 (`w = d * q + m`, q in [0, 16)) as it is.
 - Q8_0 (`w = d * q`, q in [-128, 128)): q = 16 hi + lo with hi in [-8, 8) and lo in [0, 16),
@@ -11,20 +18,15 @@ per group of 32 weights along K. Both GGUF formats of the default model map onto
   twice), the first with (16 d, -128 d), the second with (d, 0), exact in float16.
 
 rillm's kernel keeps d and m in float16 as the file does and sums in float32; PyTorch's rounds
-its (scale, zero) = (d, m + 8 d) pairs to bfloat16. Beyond that the only loss against the
-dequantized float32 weights is the activations rounded to bfloat16 at the kernel's input
-(bench/perplexity.py measures it).
-
-The kernels unpack the weights on every call, so their cost grows with every row: they win
-while reading the weights from memory is the cost, a quarter of the bytes of bfloat16. Above
-`MAX_INT4_ROWS` rows a bfloat16 copy of the dequantized weights is used instead, packed once for
-oneDNN (`torch.ops.mkldnn._reorder_linear_weight`): packed, a bfloat16 matmul skips the
-per-call reorder of the weights that `F.linear` does, and is 1.1-2x faster than it at 6-128 rows.
+its (scale, zero) = (d, m + 8 d) pairs to bfloat16. These kernels unpack the weights on every
+call, so their cost grows with every row: they win while reading the weights from memory is
+the cost. Above `MAX_INT4_ROWS` rows a bfloat16 copy of the dequantized weights is used
+instead, packed once for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`): packed, a
+bfloat16 matmul skips the per-call reorder of the weights that `F.linear` does.
 
 With `quantization="int8"` (opt-in: lossy beyond the file's own quantization) that copy is int8
 instead (`Int8Weight`): the dequantized weights rounded to int8 with one scale per output row,
-each input row rounded to int8 with its own scale on every call, an int8 matmul (VNNI), 1.2-2x
-faster than the packed bfloat16 one from 8 rows up.
+each input row rounded to int8 with its own scale on every call, an int8 matmul (VNNI).
 """
 
 from __future__ import annotations
@@ -87,6 +89,28 @@ def int4_weights(blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray
     raise ValueError(f"GGUF type {blocks.type_name} has no int4 form")
 
 
+def gguf_blocks(blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """-> (q [N, K], d [N, K/32] float16, m [N, K/32] float16 or None): Q4_1's q as uint8 in
+    [0, 16) with `w = d * q + m`, Q8_0's as int8 with `w = d * q` (m None)."""
+    if blocks.type_name == Q4_1:
+        return int4_weights(blocks)
+    if blocks.type_name != Q8_0:
+        raise ValueError(f"GGUF type {blocks.type_name} is not supported")
+    rows, cols = blocks.shape
+    raw = np.ascontiguousarray(blocks.data).reshape(rows, cols // GROUP_SIZE, -1)
+    d = raw[:, :, 0:2].copy().view(np.float16)[..., 0]
+    q = raw[:, :, 2:34].copy().view(np.int8).reshape(rows, cols)
+    return q, d, None
+
+
+def gguf_kernel_available() -> bool:
+    """rillm's gguf_linear is loaded and vectorized for this CPU (AVX-512 VNNI and BF16)."""
+    try:
+        return bool(torch.ops.rillm.gguf_linear_vectorized())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def rillm_q4_available() -> bool:
     """rillm's q4_linear is loaded and vectorized for this CPU (else PyTorch's kernel is
     faster)."""
@@ -97,14 +121,18 @@ def rillm_q4_available() -> bool:
 
 
 class Int4Linear(nn.Module):
-    """`y = x W^T (+ b)` with W held as int4 groups (for inputs of up to `max_int4_rows` rows)
-    and as oneDNN-packed bfloat16, or int8 with `dense_int8` (above); x of any float dtype, y in
-    x's dtype.
+    """`y = x W^T (+ b)` with W held as the GGUF file's blocks; x of any float dtype, y in x's
+    dtype.
+
+    With `gguf_kernel` (rillm's C++ kernels loaded, a CPU that vectorizes gguf_linear, all
+    parts of one GGUF type, N a multiple of 16): `gguf_linear` for every number of rows, the
+    only copy of the weights. Otherwise the int4 form for inputs of up to `max_int4_rows` rows
+    and a oneDNN-packed bfloat16 copy, or int8 with `dense_int8`, above.
 
     Several GGUF matrices with the same input (Q, K and V; gate and up) may be packed into one
-    by concatenating their rows: one kernel call instead of several. `rillm_kernel`: use rillm's
-    q4_linear (the caller has loaded the C++ kernels) where this CPU vectorizes it and the
-    shape suits it (K' a multiple of 64, N of 4)."""
+    by concatenating their rows: one kernel call instead of several. `rillm_kernel`: the caller
+    has loaded rillm's C++ kernels; the int4 form uses rillm's q4_linear where this CPU
+    vectorizes it and the shape suits it (K' a multiple of 64, N of 4)."""
 
     def __init__(
         self,
@@ -114,13 +142,23 @@ class Int4Linear(nn.Module):
         max_int4_rows: int = MAX_INT4_ROWS,
         rillm_kernel: bool = False,
         dense_int8: bool = False,
+        gguf_kernel: bool = True,
     ) -> None:
         """`dense`: the dequantized weights `[out, in]` (any float dtype), kept as bfloat16, or
-        as int8 with `dense_int8`."""
+        as int8 with `dense_int8`, where the int4 form needs a copy for many rows."""
         super().__init__()
         self.in_features = parts[0].shape[1]
         self.out_features = dense.shape[0]
         self.max_int4_rows = max_int4_rows
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        types = {p.type_name for p in parts}
+        self.gguf: torch.Tensor | None = None
+        """gguf_linear's packed blocks, where that kernel serves every row count."""
+        if (gguf_kernel and rillm_kernel and not dense_int8 and len(types) == 1
+                and self.out_features % 16 == 0 and self.in_features % GROUP_SIZE == 0
+                and gguf_kernel_available()):
+            self._pack_gguf(parts)
+            return
         converted = [int4_weights(p) for p in parts]
         widths = {c[0].shape[1] for c in converted}
         if len(widths) != 1:
@@ -145,14 +183,30 @@ class Int4Linear(nn.Module):
             self.scales_and_zeros = (
                 torch.stack((d.float(), zero), dim=-1).transpose(0, 1).contiguous().bfloat16()
             )  # [K'/32, N, 2]
-        self.dense: BFloat16Weight | Int8Weight = (
+        self.dense: BFloat16Weight | Int8Weight | None = (
             Int8Weight(dense) if dense_int8 else BFloat16Weight(dense))
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def _pack_gguf(self, parts: list[GGUFBlocks]) -> None:
+        converted = [gguf_blocks(p) for p in parts]
+        q = torch.from_numpy(np.concatenate([c[0] for c in converted], axis=0))
+        if q.shape[0] != self.out_features:
+            raise ValueError("the blocks and the dense weights differ in rows")
+        d = torch.from_numpy(np.concatenate([c[1] for c in converted], axis=0))
+        if parts[0].type_name == Q4_1:
+            m = torch.from_numpy(np.concatenate([c[2] for c in converted], axis=0))
+            self.gguf = torch.ops.rillm.gguf_pack_q4_1(q, d, m)
+        else:
+            self.gguf = torch.ops.rillm.gguf_pack_q8_0(q, d)
+        self.gguf_mm = torch.ops.rillm.gguf_linear.default  # resolved once, as _INT4_MM
+        self.rillm_kernel, self.duplicate_input, self.dense = True, False, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if x2.shape[0] > self.max_int4_rows:
+        if self.gguf is not None:
+            y = self.gguf_mm(x2, self.gguf)
+        elif x2.shape[0] > self.max_int4_rows:
+            assert self.dense is not None
             y = self.dense(x2)
         else:
             if self.duplicate_input:

@@ -259,6 +259,7 @@ def build_model(
     quantized: Mapping[str, GGUFBlocks] | None = None,
     cpu_kernels: bool = False,
     dense_int8: bool = False,
+    gguf_kernel: bool = True,
 ) -> LlamaForCausalLM:
     """Build on the meta device and take the checkpoint's tensors as the parameters.
 
@@ -268,13 +269,14 @@ def build_model(
     hold every tensor (the embedding lookup reads the dense copy). `cpu_kernels`: rillm's C++
     kernels are loaded (rillm/kernels); RMSNorm outside float32 and the int4 matmuls use them.
     `dense_int8`: the quantized Linears' copy for more rows than the int4 kernel takes is int8
-    (`quantization="int8"`), not bfloat16.
+    (`quantization="int8"`), not bfloat16. `gguf_kernel=False` keeps them off rillm's
+    gguf_linear (int8 activations), for comparing against the bfloat16-activation paths.
     """
     with torch.device("meta"), _no_random_init():
         model = LlamaForCausalLM(config)
     state = _pack(weights)
-    swapped = (_quantize_linears(model, config, state, quantized, dtype, cpu_kernels, dense_int8)
-               if quantized else [])
+    swapped = (_quantize_linears(model, config, state, quantized, dtype, cpu_kernels, dense_int8,
+                                 gguf_kernel) if quantized else [])
     for name in swapped:
         state.pop(f"{name}.weight", None)
         state.pop(f"{name}.bias", None)
@@ -310,9 +312,10 @@ def build_model(
 
 def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
     """Let decode steps run each layer as one C++ op where every layer is what that op does:
-    bfloat16, RMSNorm on the C++ kernel, all four matmuls on rillm's int4 kernel (no bias, no
-    doubled input) with oneDNN-packed bfloat16 or int8 copies, no q/k norms. Without the packed
-    copies (PyTorch without oneDNN) only steps within the int4 kernel's rows."""
+    bfloat16, RMSNorm on the C++ kernel, no q/k norms, all four matmuls on rillm's kernels (no
+    bias, no doubled input): gguf_linear's blocks (any number of sequences), or the int4
+    kernel with oneDNN-packed bfloat16 or int8 copies. Without the packed copies (PyTorch
+    without oneDNN) only steps within the int4 kernel's rows."""
     weights: list[list[torch.Tensor]] = []
     int4_rows: list[int] = []
     packed = True
@@ -326,16 +329,18 @@ def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
         if (attn.q_norm is not None or len(linears) != 4
                 or not all(n.fused and n.weight.dtype == torch.bfloat16 for n in norms)):
             return
-        blocks = [t for m in linears for t in (m.packed, m.scales, m.mins)]
-        dense = [m.dense.weight for m in linears]
-        # Per-row scales and the few-rows packing of int8 copies; empty for bfloat16 ones.
+        blocks = [t for m in linears for t in ((m.gguf, _EMPTY, _EMPTY) if m.gguf is not None
+                                               else (m.packed, m.scales, m.mins))]
+        dense = [_EMPTY if m.dense is None else m.dense.weight for m in linears]
+        # Per-row scales and the few-rows packing of int8 copies; empty for the others.
         int8 = [m.dense if isinstance(m.dense, Int8Weight) else None for m in linears]
         dense_scales = [_EMPTY if w is None else w.scales for w in int8]
         few_rows = [_EMPTY if w is None or w.few_rows is None else w.few_rows for w in int8]
         weights.append([norms[0].weight, *blocks[:6], norms[1].weight, *blocks[6:], *dense,
                         *dense_scales, *few_rows])
         int4_rows.extend(m.max_int4_rows for m in linears)
-        packed = packed and all(m.dense.packed for m in linears)
+        packed = packed and all(m.gguf is not None or (m.dense is not None and m.dense.packed)
+                                for m in linears)
     model.fused_decode_weights = weights
     model.fused_decode_shape = (config.head_dim**-0.5, config.num_attention_heads,
                                 config.num_key_value_heads, config.rms_norm_eps)
@@ -385,6 +390,7 @@ def _quantize_linears(
     dtype: torch.dtype,
     cpu_kernels: bool,
     dense_int8: bool,
+    gguf_kernel: bool,
 ) -> list[str]:
     """Swap in Int4Linear for every Linear whose checkpoint matrices are all quantized (on
     rillm's int4 kernel with `cpu_kernels`). `state`: the packed checkpoint. Returns the
@@ -410,7 +416,8 @@ def _quantize_linears(
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         linear = Int4Linear(blocks, dense, bias,  # type: ignore[arg-type]
-                            rillm_kernel=cpu_kernels, dense_int8=dense_int8)
+                            rillm_kernel=cpu_kernels, dense_int8=dense_int8,
+                            gguf_kernel=gguf_kernel)
         setattr(owner, attr, linear)
         swapped.append(name)
     return swapped

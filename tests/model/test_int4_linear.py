@@ -1,4 +1,6 @@
-"""The int4 path against the dequantized float32 weights, on the default model's real blocks."""
+"""The quantized linear layers against the dequantized float32 weights, on the default model's
+real blocks: gguf_linear (the default: int8 activations per block), rillm's int4 kernel and
+PyTorch's (bfloat16 activations; int8 mode and CPUs without AVX-512 VNNI)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from rillm.model.int4_linear import (
     MAX_INT4_ROWS,
     BFloat16Weight,
     Int4Linear,
+    gguf_kernel_available,
     rillm_q4_available,
 )
 from rillm.model.llama import build_model
@@ -27,26 +30,34 @@ def kernels():
     assert load_cpu_kernels(), "this machine has a C++ compiler: the kernels must build"
 
 
-KERNELS = [pytest.param(False, id="torch-int4"), pytest.param(True, id="rillm-q4")]
+# (rillm_kernel, gguf_kernel): the three ways an Int4Linear multiplies.
+PATHS = [pytest.param((False, False), id="torch-int4"),
+         pytest.param((True, False), id="rillm-q4"),
+         pytest.param((True, True), id="rillm-gguf")]
 
 
-@pytest.mark.parametrize("rillm_kernel", KERNELS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", NAMES)
-# The int4 kernel up to MAX_INT4_ROWS rows, the packed bf16 copy above.
+# The int4 kernel up to MAX_INT4_ROWS rows, the packed bf16 copy above; gguf_linear for all.
 @pytest.mark.parametrize("rows", [1, 2, 3, MAX_INT4_ROWS, MAX_INT4_ROWS + 1, 40])
-def test_int4_linear_equals_dequantized_linear(default_loaded, name, rows, rillm_kernel):
+def test_int4_linear_equals_dequantized_linear(default_loaded, name, rows, path):
+    rillm_kernel, gguf_kernel = path
     blocks = default_loaded.quantized[name]
     dense = default_loaded.weights[name]
-    linear = Int4Linear([blocks], dense, rillm_kernel=rillm_kernel)
-    # rillm's kernel where asked for and this CPU vectorizes it (AVX-512 BF16), else PyTorch's.
-    assert linear.rillm_kernel == (rillm_kernel and rillm_q4_available())
+    linear = Int4Linear([blocks], dense, rillm_kernel=rillm_kernel, gguf_kernel=gguf_kernel)
+    # gguf_linear where asked for and this CPU vectorizes it (AVX-512 VNNI), else rillm's int4
+    # kernel where this CPU vectorizes that (AVX-512 BF16), else PyTorch's.
+    gguf = rillm_kernel and gguf_kernel and gguf_kernel_available()
+    assert (linear.gguf is not None) == gguf and (linear.dense is None) == gguf
+    assert linear.rillm_kernel == (rillm_kernel and (gguf or rillm_q4_available()))
     x = torch.randn(rows, dense.shape[1], generator=torch.Generator().manual_seed(0))
     expected = x @ dense.T
     got = linear(x)
     assert got.dtype == torch.float32 and got.shape == expected.shape
-    # bfloat16 activations, scales and output: ~0.4% of the output's scale.
+    # bfloat16 activations, scales and output: ~0.4% of the output's scale; int8 activations
+    # per block of 32 (gaussian inputs): ~0.8%.
     rel = (got - expected).norm() / expected.norm()
-    assert rel < 6e-3, rel
+    assert rel < (1.2e-2 if gguf else 6e-3), rel
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64])
@@ -60,10 +71,10 @@ def test_packed_bfloat16_weight_equals_a_plain_bfloat16_matmul(default_loaded, r
     torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("rillm_kernel", KERNELS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["model.layers.3.self_attn.k_proj.weight",
                                   "model.embed_tokens.weight"])
-def test_int4_weights_reproduce_the_blocks_exactly(default_loaded, name, rillm_kernel):
+def test_int4_weights_reproduce_the_blocks_exactly(default_loaded, name, path):
     """Through an identity input the kernel returns W itself: equal to the dequantized weights
     up to the rounding of the output to bfloat16 (and, in PyTorch's kernel, of the block
     scales)."""
@@ -74,10 +85,13 @@ def test_int4_weights_reproduce_the_blocks_exactly(default_loaded, name, rillm_k
         blocks = type(blocks)(blocks.type_name, blocks.data[:4096], (4096, dense.shape[1]))
     else:
         blocks = default_loaded.quantized[name]
-    linear = Int4Linear([blocks], dense, max_int4_rows=1 << 20, rillm_kernel=rillm_kernel)
+    rillm_kernel, gguf_kernel = path
+    linear = Int4Linear([blocks], dense, max_int4_rows=1 << 20, rillm_kernel=rillm_kernel,
+                        gguf_kernel=gguf_kernel)
     recovered = linear(torch.eye(dense.shape[1])).T
     err = (recovered - dense).abs() / dense.abs().amax(dim=1, keepdim=True)
-    # One bfloat16 rounding of the output (2^-9 relative); PyTorch's bfloat16 scales add more.
+    # One bfloat16 rounding of the output (2^-9 relative; a one-hot row is exact in int8);
+    # PyTorch's bfloat16 scales add more.
     assert err.max() < (1e-2 if not rillm_kernel else 2**-8)
 
 
@@ -85,19 +99,21 @@ def test_rillm_kernel_agrees_with_pytorchs(default_loaded):
     name = "model.layers.11.mlp.gate_proj.weight"
     blocks, dense = default_loaded.quantized[name], default_loaded.weights[name]
     x = torch.randn(4, dense.shape[1], generator=torch.Generator().manual_seed(3)).bfloat16()
-    ours = Int4Linear([blocks], dense, rillm_kernel=True)(x).float()
+    ours = Int4Linear([blocks], dense, rillm_kernel=True, gguf_kernel=False)(x).float()
     theirs = Int4Linear([blocks], dense, rillm_kernel=False)(x).float()
     assert (ours - theirs).norm() / theirs.norm() < 4e-3
 
 
-@pytest.mark.parametrize("rillm_kernel", KERNELS)
-def test_packed_int4_equals_separate(default_loaded, rillm_kernel):
+@pytest.mark.parametrize("path", PATHS)
+def test_packed_int4_equals_separate(default_loaded, path):
+    rillm_kernel, gguf_kernel = path
     parts = [f"model.layers.2.self_attn.{p}_proj.weight" for p in "qkv"]
     blocks = [default_loaded.quantized[n] for n in parts]
     dense = [default_loaded.weights[n] for n in parts]
     x = torch.randn(3, 576, generator=torch.Generator().manual_seed(1))
-    fused = Int4Linear(blocks, torch.cat(dense), rillm_kernel=rillm_kernel)(x)
-    separate = torch.cat([Int4Linear([b], d, rillm_kernel=rillm_kernel)(x)
+    options = {"rillm_kernel": rillm_kernel, "gguf_kernel": gguf_kernel}
+    fused = Int4Linear(blocks, torch.cat(dense), **options)(x)
+    separate = torch.cat([Int4Linear([b], d, **options)(x)
                           for b, d in zip(blocks, dense, strict=True)], -1)
     assert torch.equal(fused, separate)
 
@@ -110,6 +126,10 @@ def test_quantized_model_swaps_every_matrix_and_keeps_the_rest(default_loaded, c
     int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
     assert len(int4) == 4 * config.num_hidden_layers + 1 and "lm_head" in int4
     assert all(m.rillm_kernel == (cpu_kernels and rillm_q4_available()) for m in int4.values())
+    # The default keeps one copy of each matrix: the file's blocks, packed for gguf_linear.
+    gguf = cpu_kernels and gguf_kernel_available()
+    assert all((m.gguf is not None) == gguf and (m.dense is None) == gguf
+               for m in int4.values())
     dense_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert dense_linears == []
     embed = model.model.embed_tokens.weight

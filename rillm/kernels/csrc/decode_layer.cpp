@@ -9,9 +9,10 @@
 // are called directly (kernels.h) and the elementwise steps (residual adds, SiLU(gate) * up) are
 // the same ATen ops the Python layer runs, so the result is the same bit for bit.
 //
-// Up to `int4_rows` sequences the four matmuls run on rillm's int4 kernel; above, on the
-// oneDNN-packed bfloat16 copies of the same weights (mkldnn::_linear_pointwise, as
-// Int4Linear does) or, with quantization="int8", on int8 copies (int8_linear.cpp).
+// The four matmuls run as Int4Linear runs them: on the file's blocks packed for gguf_linear
+// (gguf_linear.cpp) at any number of sequences, the default; or up to `int4_rows` sequences on
+// rillm's int4 kernel and above on the oneDNN-packed bfloat16 copies of the same weights
+// (mkldnn::_linear_pointwise) or, with quantization="int8", on int8 copies (int8_linear.cpp).
 //
 // Registered as torch.ops.rillm.decode_layer (see rillm/kernels/__init__.py); the Python side
 // is LlamaModel's fused decode path (rillm/model/llama.py).
@@ -31,12 +32,13 @@ namespace {
 // Weights of one layer, in the order of the op's `weights` list.
 enum Weight : int64_t {
   kInputNorm,
+  // int4 packed, d, m; or gguf_linear's packed blocks and two empty tensors
   kQkvPacked, kQkvScales, kQkvMins,
   kOPacked, kOScales, kOMins,
   kPostNorm,
   kGateUpPacked, kGateUpScales, kGateUpMins,
   kDownPacked, kDownScales, kDownMins,
-  kQkvDense, kODense, kGateUpDense, kDownDense,  // oneDNN-packed bfloat16, or int8
+  kQkvDense, kODense, kGateUpDense, kDownDense,  // oneDNN-packed bfloat16, int8, or empty
   kQkvDenseScales, kODenseScales, kGateUpDenseScales, kDownDenseScales,  // int8's; else empty
   kQkvFewRows, kOFewRows, kGateUpFewRows, kDownFewRows,  // int8 packed for few rows, or empty
   kNumWeights,
@@ -53,10 +55,11 @@ at::Tensor packed_bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
   return op.call(x, weight, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), "");
 }
 
-// One of the layer's four matmuls: int4 blocks for few rows, the packed bfloat16 or int8 copy
-// for more.
+// One of the layer's four matmuls: gguf_linear's blocks; or int4 blocks for few rows, the
+// packed bfloat16 or int8 copy for more.
 at::Tensor linear(const at::Tensor& x, at::TensorList w, int64_t first, int64_t dense,
                   int64_t int4_rows) {
+  if (w[first].dim() == 3) return rillm::gguf_linear(x, w[first]);
   if (x.size(0) <= int4_rows) return rillm::q4_linear(x, w[first], w[first + 1], w[first + 2]);
   const int64_t scales = dense + (kQkvDenseScales - kQkvDense);
   if (w[dense].scalar_type() == at::kChar) {

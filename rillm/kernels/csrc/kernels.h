@@ -23,6 +23,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
                      const at::Tensor& mins);
 
+// x [rows, K] bfloat16 times a matrix packed by gguf_pack_q4_1 / gguf_pack_q8_0.
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& packed);
+
 // int8_linear rotates the inputs of a layer whose width is a multiple of this (Int8Weight's
 // rule, rillm/model/int4_linear.py ROTATION: its weights were rotated the same way).
 constexpr int64_t kInt8Rotation = 64;
