@@ -149,9 +149,15 @@ class LlamaMLP(nn.Module):
         hidden, inner = config.hidden_size, config.intermediate_size
         self.gate_up_proj: nn.Module = nn.Linear(hidden, 2 * inner, bias=False)
         self.down_proj: nn.Module = nn.Linear(inner, hidden, bias=False)
+        self.fused = False
+        """rillm's C++ `silu_mul` (set by build_model on the CPU outside float32): SiLU(gate) *
+        up in one pass and one rounding, for bfloat16 activations (decode_layer uses it too)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused and gate_up.dtype == torch.bfloat16 and gate_up.dim() == 2:
+            return self.down_proj(torch.ops.rillm.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -303,7 +309,7 @@ def build_model(
     model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)
     if cpu_kernels and dtype != torch.float32:
         for module in model.modules():
-            if isinstance(module, RMSNorm):
+            if isinstance(module, (RMSNorm, LlamaMLP)):
                 module.fused = True
     if cpu_kernels:
         _enable_fused_decode(model.model, config)
@@ -312,7 +318,7 @@ def build_model(
 
 def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
     """Let decode steps run each layer as one C++ op where every layer is what that op does:
-    bfloat16, RMSNorm on the C++ kernel, no q/k norms, all four matmuls on rillm's kernels (no
+    bfloat16, RMSNorm and SiLU * up on the C++ kernels, no q/k norms, all four matmuls on rillm's kernels (no
     bias, no doubled input): gguf_linear's blocks (any number of sequences), or the int4
     kernel with oneDNN-packed bfloat16 or int8 copies. Without the packed copies (PyTorch
     without oneDNN) only steps within the int4 kernel's rows."""
@@ -326,7 +332,7 @@ def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
         linears = [m for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
                    if isinstance(m, Int4Linear) and m.rillm_kernel and m.bias is None
                    and not m.duplicate_input]
-        if (attn.q_norm is not None or len(linears) != 4
+        if (attn.q_norm is not None or len(linears) != 4 or not mlp.fused
                 or not all(n.fused and n.weight.dtype == torch.bfloat16 for n in norms)):
             return
         blocks = [t for m in linears for t in ((m.gguf, _EMPTY, _EMPTY) if m.gguf is not None

@@ -1,13 +1,13 @@
 // One decoder layer of a Llama-family model for a decode step of a few sequences (CPU), as one
 // op: RMSNorm, the fused QKV projection, rotary embedding + K/V cache write, paged decode
 // attention, the output projection, the residual add, RMSNorm, the fused gate/up projection,
-// SiLU(gate) * up, the down projection and the second residual add.
+// SiLU(gate) * up (silu_mul.cpp), the down projection and the second residual add.
 //
 // The Python layer makes ~20 op calls and ~10 module calls for this; at one to four sequences
 // each is a few microseconds of Python and dispatch against kernels that run for tens, so in a
 // decode step of 30 layers the calls cost about as much as the matmuls. Here rillm's kernels
-// are called directly (kernels.h) and the elementwise steps (residual adds, SiLU(gate) * up) are
-// the same ATen ops the Python layer runs, so the result is the same bit for bit.
+// are called directly (kernels.h) and the residual adds are the same ATen ops the Python layer
+// runs, so the result is the same bit for bit.
 //
 // The four matmuls run as Int4Linear runs them: on the file's blocks packed for gguf_linear
 // (gguf_linear.cpp) at any number of sequences, the default; or up to `int4_rows` sequences on
@@ -99,9 +99,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::T
   const auto h = at::add(x, linear(attention, w, kOPacked, kODense, int4_rows));
   const auto gate_up =
       linear(rms_norm(h, w[kPostNorm], eps), w, kGateUpPacked, kGateUpDense, int4_rows);
-  const int64_t inner = gate_up.size(1) / 2;
-  const auto act = at::mul(at::silu(gate_up.narrow(1, 0, inner)), gate_up.narrow(1, inner, inner));
-  return at::add(h, linear(act, w, kDownPacked, kDownDense, int4_rows));
+  return at::add(h, linear(silu_mul(gate_up), w, kDownPacked, kDownDense, int4_rows));
 }
 
 }  // namespace rillm

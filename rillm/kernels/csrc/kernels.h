@@ -5,9 +5,31 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 
 namespace rillm {
+
+// e^x for x <= 0 (softmax inputs less their maximum), branch-free so loops over it vectorize:
+// x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n built in the exponent.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  // Nearest integer by truncation (x <= 0): a vector conversion, not a libm call.
+  const int32_t k = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);
+  const float n = static_cast<float>(k);
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (k + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
                                   const at::Tensor& value_cache, const at::Tensor& block_tables,
@@ -19,6 +41,8 @@ at::Tensor rotary_cache_write(const at::Tensor& q, const at::Tensor& k, const at
                               at::Tensor value_cache, const at::Tensor& slot_mapping);
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+at::Tensor silu_mul(const at::Tensor& gate_up);
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
                      const at::Tensor& mins);

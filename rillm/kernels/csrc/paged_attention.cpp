@@ -35,26 +35,7 @@ inline float to_float(double x) { return static_cast<float>(x); }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-// e^x for x <= 0 (softmax inputs less their maximum), branch-free so loops over it vectorize:
-// x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n built in the exponent.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  // Nearest integer by truncation (x <= 0): a vector conversion, not a libm call.
-  const int32_t k = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);
-  const float n = static_cast<float>(k);
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (k + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+using rillm::exp_nonpositive;
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float lanes[kLanes] = {0.0f};

@@ -1,0 +1,82 @@
+// SiLU(gate) * up as one op (CPU), for the MLP of bfloat16 models: gate_up [T, 2I] (the fused
+// gate/up projection's output) -> [T, I], computed in float32 and rounded once. PyTorch runs
+// it as a slice, silu (rounded to bfloat16), and a multiply (rounded again): two passes, and
+// its silu alone took ~0.5 ms for a 1024-token prefill chunk of the default model a layer.
+//
+// silu(g) = g * sigmoid(g), sigmoid from e = exp(-|g|) (never overflows): 1 / (1 + e) for
+// g >= 0, e / (1 + e) below.
+//
+// Registered as torch.ops.rillm.silu_mul (see rillm/kernels/__init__.py); decode_layer calls
+// it directly.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace {
+
+constexpr int64_t kChunk = 256;  // values converted a pass (float scratch on the stack)
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
+}
+
+// Round to nearest even, as c10::BFloat16 does for finite values (NaN stays NaN).
+inline uint16_t float_to_bf16(float value) {
+  uint32_t word;
+  std::memcpy(&word, &value, sizeof word);
+  if (std::isnan(value)) return 0x7FC0;
+  return static_cast<uint16_t>((word + 0x7FFF + ((word >> 16) & 1)) >> 16);
+}
+
+void silu_mul_row(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n) {
+  float values[kChunk];
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t len = std::min(kChunk, n - start);
+    for (int64_t j = 0; j < len; ++j) {
+      const float g = bf16_to_float(gate[start + j]);
+      const float e = rillm::exp_nonpositive(-std::fabs(g));
+      const float sigmoid = (g >= 0.0f ? 1.0f : e) / (1.0f + e);
+      values[j] = g * sigmoid * bf16_to_float(up[start + j]);
+    }
+    for (int64_t j = 0; j < len; ++j) out[start + j] = float_to_bf16(values[j]);
+  }
+}
+
+}  // namespace
+
+namespace rillm {
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.device().is_cpu() && gate_up.dim() == 2 &&
+                  gate_up.scalar_type() == at::kBFloat16 && gate_up.size(1) % 2 == 0,
+              "silu_mul takes gate_up [tokens, 2 * inner] bfloat16 on the CPU");
+  const auto x = gate_up.contiguous();
+  const int64_t rows = x.size(0), inner = x.size(1) / 2;
+  auto out = at::empty({rows, inner}, x.options());
+  const auto* in = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(inner, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      silu_mul_row(in + r * 2 * inner, in + r * 2 * inner + inner, dst + r * inner, inner);
+  });
+  return out;
+}
+
+}  // namespace rillm
+
+TORCH_LIBRARY_FRAGMENT(rillm, m) {
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.impl("silu_mul", c10::DispatchKey::CPU, &rillm::silu_mul);
+}
