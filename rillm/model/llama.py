@@ -318,10 +318,10 @@ def build_model(
 
 def _enable_fused_decode(model: LlamaModel, config: ModelArchConfig) -> None:
     """Let decode steps run each layer as one C++ op where every layer is what that op does:
-    bfloat16, RMSNorm and SiLU * up on the C++ kernels, no q/k norms, all four matmuls on rillm's kernels (no
-    bias, no doubled input): gguf_linear's blocks (any number of sequences), or the int4
-    kernel with oneDNN-packed bfloat16 or int8 copies. Without the packed copies (PyTorch
-    without oneDNN) only steps within the int4 kernel's rows."""
+    bfloat16, RMSNorm and SiLU * up on the C++ kernels, no q/k norms, all four matmuls on
+    rillm's kernels (no bias, no doubled input): gguf_linear's blocks (any number of
+    sequences), or the int4 kernel with oneDNN-packed bfloat16 or int8 copies. Without the
+    packed copies (PyTorch without oneDNN) only steps within the int4 kernel's rows."""
     weights: list[list[torch.Tensor]] = []
     int4_rows: list[int] = []
     packed = True
