@@ -162,8 +162,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
                         help="auto (default): int4 on a CPU with --dtype auto; int4: run a "
                         "GGUF's Q4_1/Q8_0 weights as they are; none: dequantize them (the exact, "
-                        "batch-invariant reference); int8: int4 with int8 matmuls for batches "
-                        "and prefill (faster, lossy: opt-in)")
+                        "batch-invariant reference); int8: int8 weights and activations for "
+                        "batches and prefill (lossy, opt-in)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads for the model's steps (default: all cores)")
     parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,

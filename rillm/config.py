@@ -41,16 +41,18 @@ class EngineConfig:
     where they cannot be built, or False, the pure PyTorch path (same results to rounding)."""
     quantization: str = "auto"
     """What to do with a GGUF file's Q4_1 / Q8_0 matrices: "int4" keeps them quantized and
-    multiplies with the CPU int4 kernel (activations in bfloat16 unless `dtype` names another),
-    "none" dequantizes them to `dtype`; "auto" (the default) is "int4" when dtype is auto and
-    the device the CPU, else "none". Perplexity matches the dequantized float32 model
-    (BENCHMARKS.md). Above 4 rows int4 hands over to a bfloat16 copy of the same weights
-    packed for oneDNN (prefill, decode batches of 5+), and bfloat16 rounding depends on the
-    kernels' blocking, so unlike "none" a request's greedy tokens can differ alone and in a
-    batch; "none" is the exact, batch-invariant reference path. "int8" (opt-in, CPU, a GGUF
-    file) is "int4" with that copy in int8 instead of bfloat16: weights rounded to int8 per
-    output row, activations per row on every call, int8 matmuls (1.2-2x faster than bfloat16
-    from 8 rows up); lossy beyond the file's own quantization (perplexity in BENCHMARKS.md)."""
+    multiplies with them as they are, "none" dequantizes them to `dtype`; "auto" (the default)
+    is "int4" when dtype is auto and the device the CPU, else "none". With rillm's C++ kernels
+    on a CPU with AVX-512 VNNI, "int4" runs every matmul on the file's blocks times the
+    activations rounded to int8 per block of 32 (llama.cpp's arithmetic for these formats);
+    elsewhere an int4 kernel on bfloat16 activations up to 4 rows and a bfloat16 copy of the
+    weights packed for oneDNN above. Perplexity within 0.6% of the dequantized float32 model
+    (BENCHMARKS.md). Unlike "none", rounding depends on the kernels' blocking, so a request's
+    greedy tokens can differ alone and in a batch; "none" is the exact, batch-invariant
+    reference path. "int8" (opt-in, CPU, a GGUF file) is the int4 kernel up to 4 rows and an
+    int8 copy above: weights rounded to int8 per output row, activations per row on every call,
+    both rotated by blocks of 64; lossy beyond the file's own quantization and, since the
+    default runs on the blocks, no faster (BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

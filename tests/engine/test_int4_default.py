@@ -39,7 +39,7 @@ def test_int4_perplexity_matches_the_dequantized_model(default_engine, exact_eng
     with open(DEFAULT_TEXT, encoding="utf-8") as f:
         tokens = smollm_tokenizer(f.read())["input_ids"]
     exact = perplexity(exact_engine, tokens, 256)
-    # Measured (BENCHMARKS.md): +0.4% (chunks of 256), +0.04% (a token a step).
+    # Measured (BENCHMARKS.md): -0.3% (chunks of 256), +0.2% (a token a step).
     prefill = perplexity(default_engine, tokens, 256)
     decode = perplexity(default_engine, tokens[:240], 1)
     exact_decode = perplexity(exact_engine, tokens[:240], 1)

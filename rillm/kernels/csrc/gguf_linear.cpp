@@ -16,7 +16,7 @@
 // Q4_1's m term takes the block's sum as rounded (s * sum qx), not the exact sum of x: then
 // the rounding error of x meets the weights d * q + m, which are centred near zero, rather
 // than d * q (mean ~7.5 d) alone. With the exact sum the error of a layer's output was 2-3x
-// larger and the default model's perplexity 1.1% above float32's; with this, 0.04-0.4%.
+// larger and the default model's perplexity 1.1% above float32's; with this, within 0.6%.
 // The rounding of x to int8 per block is the one loss beyond the file's (bench/perplexity.py).
 //
 // Against bfloat16 activations (q4_linear.cpp: vdpbf16ps, 32 products an instruction, or
