@@ -67,13 +67,12 @@ class GGUFBlocks:
     shape: tuple[int, int]
 
 
-def int4_weights(blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> (q [N, K'] uint8 in [0, 16), d [N, K'/32] float16, m [N, K'/32] float16) with
-    `w = d * q + m` per group of 32; K' is K for Q4_1 and 2 K for Q8_0 (see the module
-    docstring)."""
+def gguf_blocks(blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """-> (q [N, K], d [N, K/32] float16, m [N, K/32] float16 or None), as the file stores
+    them: Q4_1's q as uint8 in [0, 16) with `w = d * q + m`, Q8_0's as int8 with `w = d * q`
+    (m None)."""
     rows, cols = blocks.shape
-    nblocks = cols // GROUP_SIZE
-    raw = np.ascontiguousarray(blocks.data).reshape(rows, nblocks, -1)
+    raw = np.ascontiguousarray(blocks.data).reshape(rows, cols // GROUP_SIZE, -1)
     d = raw[:, :, 0:2].copy().view(np.float16)[..., 0]  # [N, K/32]
     if blocks.type_name == Q4_1:
         m = raw[:, :, 2:4].copy().view(np.float16)[..., 0]
@@ -81,27 +80,24 @@ def int4_weights(blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray
         q = np.concatenate((packed & 0x0F, packed >> 4), axis=-1).reshape(rows, cols)
         return q, d, m
     if blocks.type_name == Q8_0:
-        q8 = raw[:, :, 2:34].copy().view(np.int8).astype(np.int16)  # [N, K/32, 32]
-        hi, lo = ((q8 >> 4) + 8).astype(np.uint8), (q8 & 0x0F).astype(np.uint8)
-        q = np.concatenate((hi.reshape(rows, cols), lo.reshape(rows, cols)), axis=1)
-        scale = np.concatenate((16 * d, d), axis=1)  # exact: powers of two
-        low = np.concatenate((-128 * d, np.zeros_like(d)), axis=1)
-        return q, scale, low
-    raise ValueError(f"GGUF type {blocks.type_name} has no int4 form")
+        return raw[:, :, 2:34].copy().view(np.int8).reshape(rows, cols), d, None
+    raise ValueError(f"GGUF type {blocks.type_name} is not supported")
 
 
-def gguf_blocks(blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """-> (q [N, K], d [N, K/32] float16, m [N, K/32] float16 or None): Q4_1's q as uint8 in
-    [0, 16) with `w = d * q + m`, Q8_0's as int8 with `w = d * q` (m None)."""
-    if blocks.type_name == Q4_1:
-        return int4_weights(blocks)
-    if blocks.type_name != Q8_0:
-        raise ValueError(f"GGUF type {blocks.type_name} is not supported")
-    rows, cols = blocks.shape
-    raw = np.ascontiguousarray(blocks.data).reshape(rows, cols // GROUP_SIZE, -1)
-    d = raw[:, :, 0:2].copy().view(np.float16)[..., 0]
-    q = raw[:, :, 2:34].copy().view(np.int8).reshape(rows, cols)
-    return q, d, None
+def int4_weights(blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (q [N, K'] uint8 in [0, 16), d [N, K'/32] float16, m [N, K'/32] float16) with
+    `w = d * q + m` per group of 32; K' is K for Q4_1 and 2 K for Q8_0 (see the module
+    docstring)."""
+    if blocks.type_name not in SUPPORTED_TYPES:
+        raise ValueError(f"GGUF type {blocks.type_name} has no int4 form")
+    q, d, m = gguf_blocks(blocks)
+    if m is not None:  # Q4_1 as it is
+        return q, d, m
+    q8 = q.astype(np.int16)
+    hi, lo = ((q8 >> 4) + 8).astype(np.uint8), (q8 & 0x0F).astype(np.uint8)
+    scale = np.concatenate((16 * d, d), axis=1)  # exact: powers of two
+    low = np.concatenate((-128 * d, np.zeros_like(d)), axis=1)
+    return np.concatenate((hi, lo), axis=1), scale, low
 
 
 def gguf_kernel_available() -> bool:

@@ -81,12 +81,7 @@ struct Layout<Format::kQ8_0> {
   static constexpr int64_t kBlockBytes = kWeightBytes + kLanes * 2;  // + d: 544
 };
 
-float bf16_to_float(uint16_t bits) {
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &word, sizeof value);
-  return value;
-}
+using rillm::bf16_to_float;
 
 // Where one row of x goes: per block of 32, its int8 values, scale s, sum as rounded
 // (s * sum q) and the sum of its int8 values.

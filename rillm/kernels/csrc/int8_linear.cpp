@@ -59,12 +59,7 @@ namespace {
 #define NO_REASSOCIATION __attribute__((optimize("no-associative-math")))
 
 
-float bf16_to_float(uint16_t bits) {
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &word, sizeof value);
-  return value;
-}
+using rillm::bf16_to_float;
 
 #ifdef RILLM_INT8_AVX512
 // One butterfly stage within a register: lane i meets lane i ^ h (t); lower lanes get a + b,

@@ -10,6 +10,15 @@
 
 namespace rillm {
 
+// A bfloat16 (its bits) as float32: the top half of a float32, so a shift, which vectorizes
+// where c10::BFloat16's conversion may not.
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
+}
+
 // e^x for x <= 0 (softmax inputs less their maximum), branch-free so loops over it vectorize:
 // x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n built in the exponent.
 inline float exp_nonpositive(float x) {

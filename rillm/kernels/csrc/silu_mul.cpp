@@ -24,20 +24,7 @@ namespace {
 
 constexpr int64_t kChunk = 256;  // values converted a pass (float scratch on the stack)
 
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &word, sizeof value);
-  return value;
-}
-
-// Round to nearest even, as c10::BFloat16 does for finite values (NaN stays NaN).
-inline uint16_t float_to_bf16(float value) {
-  uint32_t word;
-  std::memcpy(&word, &value, sizeof word);
-  if (std::isnan(value)) return 0x7FC0;
-  return static_cast<uint16_t>((word + 0x7FFF + ((word >> 16) & 1)) >> 16);
-}
+using rillm::bf16_to_float;
 
 void silu_mul_row(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n) {
   float values[kChunk];
@@ -49,7 +36,7 @@ void silu_mul_row(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64
       const float sigmoid = (g >= 0.0f ? 1.0f : e) / (1.0f + e);
       values[j] = g * sigmoid * bf16_to_float(up[start + j]);
     }
-    for (int64_t j = 0; j < len; ++j) out[start + j] = float_to_bf16(values[j]);
+    for (int64_t j = 0; j < len; ++j) out[start + j] = c10::BFloat16(values[j]).x;
   }
 }
 
