@@ -74,20 +74,51 @@ inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
 }
 
-// Ask for the next block of a sequence's keys (or values) before it is read, into L2: a
-// sequence's blocks lie wherever its block table points, and the hardware prefetcher starts
-// over at each one; fetching the next block while this one is used reads 32 scattered
-// sequences' caches 1.5x faster. `head`: the cache of one KV head; `start`: the first position
-// of the block being read.
-inline void prefetch_next_block(const void* head, const int64_t* table, int64_t start,
-                                int64_t length, int64_t block_size, int64_t row_bytes) {
-  const int64_t next = start + block_size;
-  if (next >= length) return;
-  const char* block =
-      static_cast<const char*>(head) + table[next / block_size] * block_size * row_bytes;
-  const int64_t bytes = std::min(block_size, length - next) * row_bytes;
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(block + offset, 0, 2);
-}
+// Reads ahead of a thread's decode attention tasks: the blocks it will read, in the order it
+// reads them (each task's key blocks, then its value blocks, then the next task's), fetched
+// into L2 `kAhead` blocks before they are used. A sequence's blocks lie wherever its block table
+// points, so the hardware prefetcher starts over at each one; running ahead across blocks and
+// across tasks keeps several blocks' loads in flight while one is computed on.
+class ReadAhead {
+ public:
+  ReadAhead(const void* keys, const void* values, const int64_t* tables, const int64_t* lens,
+            int64_t max_blocks, int64_t num_kv_heads, int64_t num_slots, int64_t block_size,
+            int64_t row_bytes, int64_t task, int64_t end)
+      : keys_(static_cast<const char*>(keys)), values_(static_cast<const char*>(values)),
+        tables_(tables), lens_(lens), max_blocks_(max_blocks), num_kv_heads_(num_kv_heads),
+        head_bytes_(num_slots * row_bytes), block_size_(block_size), row_bytes_(row_bytes),
+        task_(task), end_(end) {
+    for (int i = 0; i < kAhead; ++i) next();
+  }
+
+  // One block is about to be read: ask for the one kAhead blocks after it.
+  void next() {
+    if (task_ >= end_) return;
+    const int64_t b = task_ / num_kv_heads_, h = task_ % num_kv_heads_;
+    const int64_t length = lens_[b], blocks = (length + block_size_ - 1) / block_size_;
+    const char* head = (pass_ == 0 ? keys_ : values_) + h * head_bytes_;
+    const char* block = head + tables_[b * max_blocks_ + block_] * block_size_ * row_bytes_;
+    const int64_t bytes = std::min(block_size_, length - block_ * block_size_) * row_bytes_;
+    for (int64_t offset = 0; offset < bytes; offset += 64) {
+      __builtin_prefetch(block + offset, 0, 2);
+    }
+    if (++block_ < blocks) return;
+    block_ = 0;
+    if (++pass_ < 2) return;
+    pass_ = 0;
+    ++task_;
+  }
+
+ private:
+  // Four blocks (8 KiB of a 64-wide bf16 head): 2 to 8 measured alike, 1 ~10% slower.
+  static constexpr int kAhead = 4;
+  const char* keys_;
+  const char* values_;
+  const int64_t* tables_;
+  const int64_t* lens_;
+  int64_t max_blocks_, num_kv_heads_, head_bytes_, block_size_, row_bytes_, task_, end_;
+  int64_t pass_ = 0, block_ = 0;  // 0: keys, 1: values; the block within the pass
+};
 
 // The softmax of each query head's scores, shared by both paths: scores[g * length + j] holds
 // key j's score for query head g on entry, its probability on return.
@@ -123,6 +154,8 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
 
   at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query(group * dim), acc(group * dim), row(dim), scores;
+    ReadAhead ahead(k_data, v_data, tables, lens, max_blocks, num_kv_heads, num_slots,
+                    block_size, row_bytes, begin, end);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
       const int64_t length = lens[b];
@@ -138,7 +171,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
       for (int64_t start = 0; start < length; start += block_size) {
         const int64_t base = table[start / block_size] * block_size;
         const int64_t rows = std::min(block_size, length - start);
-        prefetch_next_block(keys, table, start, length, block_size, row_bytes);
+        ahead.next();
         for (int64_t r = 0; r < rows; ++r) {
           load_row(keys + (base + r) * dim, row.data(), dim);
           for (int64_t g = 0; g < group; ++g) {
@@ -151,7 +184,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
       for (int64_t start = 0; start < length; start += block_size) {
         const int64_t base = table[start / block_size] * block_size;
         const int64_t rows = std::min(block_size, length - start);
-        prefetch_next_block(values, table, start, length, block_size, row_bytes);
+        ahead.next();
         for (int64_t r = 0; r < rows; ++r) {
           load_row(values + (base + r) * dim, row.data(), dim);
           for (int64_t g = 0; g < group; ++g) {
@@ -220,6 +253,8 @@ void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cac
   at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> query(group * DIM);  // bfloat16 bits
     std::vector<float> scores;
+    ReadAhead ahead(k_data, v_data, tables, lens, max_blocks, num_kv_heads, num_slots,
+                    block_size, DIM * 2, begin, end);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
       const int64_t length = lens[b];
@@ -234,7 +269,7 @@ void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cac
       for (int64_t start = 0; start < length; start += block_size) {
         const uint16_t* block = keys + table[start / block_size] * block_size * DIM;
         const int64_t rows = std::min(block_size, length - start);
-        prefetch_next_block(keys, table, start, length, block_size, DIM * 2);
+        ahead.next();
         for (int64_t g = 0; g < group; ++g) {
           const uint16_t* qg = query.data() + g * DIM;
           float* s = scores.data() + g * length + start;
@@ -264,7 +299,7 @@ void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cac
         for (int64_t start = 0; start < length; start += block_size) {
           const uint16_t* block = values + table[start / block_size] * block_size * DIM;
           const int64_t rows = std::min(block_size, length - start);
-          if (g0 == 0) prefetch_next_block(values, table, start, length, block_size, DIM * 2);
+          if (g0 == 0) ahead.next();
           for (int64_t r = 0; r < rows; ++r) {
             __m512 v[kFloats];
             for (int c = 0; c < kFloats; ++c) {
