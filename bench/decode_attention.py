@@ -44,6 +44,14 @@ def block_tables(kind: str, sequences: int, per_sequence: int, prompt_blocks: in
     return tables
 
 
+def step(caches: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, tables: torch.Tensor,
+         lens: torch.Tensor) -> None:
+    """Every layer's decode attention, one after another."""
+    for key, value in caches:
+        torch.ops.rillm.paged_decode_attention(q, key, value, tables, lens, BLOCK,
+                                               HEAD_DIM ** -0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=32)
@@ -78,15 +86,11 @@ def main() -> None:
             caches.append((key, value))
         for _ in range(args.rounds):
             for kind, tables in layouts.items():
-                def step() -> None:
-                    for key, value in caches:
-                        torch.ops.rillm.paged_decode_attention(q, key, value, tables, lens, BLOCK,
-                                                               HEAD_DIM ** -0.5)
-                step()
+                step(caches, q, tables, lens)
                 best = float("inf")
                 for _ in range(5):
                     start = time.perf_counter()
-                    step()
+                    step(caches, q, tables, lens)
                     best = min(best, time.perf_counter() - start)
                 results.setdefault((kind, pages), []).append(best / LAYERS * 1e6)
         del caches
