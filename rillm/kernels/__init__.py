@@ -12,6 +12,9 @@
 - `gguf_linear`, `gguf_pack_q4_1`, `gguf_pack_q8_0` and `q8_quantize_blocks`
   (csrc/gguf_linear.cpp): activations rounded to int8 per block of 32 times a GGUF file's own
   Q4_1 / Q8_0 blocks (VNNI), at any number of rows: the default's matmuls;
+- `paged_prefill_attention` (csrc/prefill_attention.cpp): prompt chunks' causal attention read
+  from the paged cache, each task a tile of 16 queries against only the keys they see
+  (bfloat16, AVX-512 BF16);
 - `silu_mul` (csrc/silu_mul.cpp): SiLU(gate) * up of the fused gate/up projection's output,
   one pass and one rounding (bfloat16 models);
 - `decode_layer` (csrc/decode_layer.cpp): a whole decoder layer for a decode step of a few
@@ -53,7 +56,8 @@ _CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(_CSRC / name for name in ("paged_attention.cpp", "rotary_cache.cpp",
                                           "rms_norm.cpp", "q4_linear.cpp", "decode_layer.cpp",
                                           "argmax.cpp", "int8_linear.cpp",
-                                          "gguf_linear.cpp", "silu_mul.cpp"))
+                                          "gguf_linear.cpp", "silu_mul.cpp",
+                                          "prefill_attention.cpp"))
 HEADERS = (_CSRC / "kernels.h",)
 CXX_FLAGS = (
     "-O3",

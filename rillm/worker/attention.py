@@ -19,6 +19,10 @@ On the CPU, where rillm's C++ kernels are built (rillm/kernels), decode groups s
 `torch.ops.rillm.paged_decode_attention` walks each sequence's block table and reads its keys
 and values in the cache, in float32 arithmetic, with no padding and no mask (1.5-4x faster than
 gather + matmuls; exact to float32 rounding, and each row's result independent of the batch).
+In bfloat16 on a CPU with AVX-512 BF16, prefill groups skip it too:
+`torch.ops.rillm.paged_prefill_attention` gives each tile of 16 queries only the keys they see
+(3-4x faster than gather + masked SDPA at 8 prompts of 128 tokens, BENCHMARKS.md). float32 keeps
+SDPA: it is the path held to transformers.
 """
 
 from __future__ import annotations
@@ -51,8 +55,13 @@ class AttentionGroup:
     unmasked: bool = False
     """One sequence's single decode query, with `slots` exactly its keys: nothing to mask."""
     context_lens: torch.Tensor | None = None
-    """Decode groups that the C++ kernel reads the cache for: [B] int64 keys of each sequence
-    (its `block_tables` contiguous); nothing is gathered."""
+    """Groups that a C++ kernel reads the cache for: [B] int64 keys of each sequence (its
+    `block_tables` contiguous); nothing is gathered, no mask is built."""
+    query_offsets: torch.Tensor | None = None
+    """Prefill groups for `paged_prefill_attention`: [B] int64 the flat-batch row of each
+    sequence's first query (its queries are consecutive rows)."""
+    query_lens: torch.Tensor | None = None
+    """With `query_offsets`: [B] int64 each sequence's queries, the last of its keys."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,14 @@ class KVCache:
         return k, v
 
 
+def prefill_attention_available() -> bool:
+    """rillm's paged_prefill_attention is loaded and vectorized for this CPU (AVX-512 BF16)."""
+    try:
+        return bool(torch.ops.rillm.prefill_attention_vectorized())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _HUGE_PAGE = 2 << 20
 
 
@@ -147,6 +164,12 @@ def paged_attention(
     out = q.new_empty(num_tokens, num_heads * dim)
     for group in metadata.groups:  # at most two: decodes and prefills
         batch, q_len = group.token_index.shape
+        if group.query_lens is not None:
+            assert group.context_lens is not None and group.query_offsets is not None
+            torch.ops.rillm.paged_prefill_attention(
+                q, cache.key, cache.value, group.block_tables, group.query_offsets,
+                group.query_lens, group.context_lens, cache.block_size, scale, out)
+            continue
         if group.context_lens is not None:
             row = group.token_index[:, 0]
             out[row] = _kernel_decode_attention(q[row], cache, group, scale)

@@ -16,7 +16,12 @@ from rillm.core.scheduler import ScheduledRequest
 from rillm.model.config import ModelArchConfig
 from rillm.model.llama import LlamaForCausalLM
 from rillm.outputs import Logprob
-from rillm.worker.attention import AttentionGroup, AttentionMetadata, KVCache
+from rillm.worker.attention import (
+    AttentionGroup,
+    AttentionMetadata,
+    KVCache,
+    prefill_attention_available,
+)
 from rillm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, bitmask_words
 
 
@@ -56,6 +61,10 @@ class ModelRunner:
         self.sampler = Sampler(cpu_kernels)
         self.threads = threads
         self.cpu_kernels = cpu_kernels
+        # Prompt chunks by rillm's prefill attention kernel: bfloat16 only (float32 keeps
+        # SDPA, the path held to transformers), on a CPU with AVX-512 BF16.
+        self.prefill_kernel = (cpu_kernels and dtype == torch.bfloat16
+                               and config.head_dim in (64, 128) and prefill_attention_available())
 
     @torch.inference_mode()
     def forward(
@@ -166,14 +175,18 @@ class ModelRunner:
         num_blocks = -(-int((starts + num_new).max()) // self.block_size)
         tables = block_tables[rows, :num_blocks]
         device = self.device
-        if q_len == 1 and self.cpu_kernels:  # it reads the cache by block table: no mask
+        if q_len == 1 and self.cpu_kernels or self.prefill_kernel:
+            # A C++ kernel reads the cache by block table: no mask, nothing gathered.
+            prefill = q_len > 1
             return AttentionGroup(
                 token_index=token_index.to(device),
                 valid=valid.to(device),
                 block_tables=tables.contiguous().to(device),
                 mask=None,
                 slots=None,
-                context_lens=(starts + 1).to(device),
+                context_lens=(starts + num_new).to(device),
+                query_offsets=offsets.to(device) if prefill else None,
+                query_lens=num_new.to(device) if prefill else None,
             )
         # Padding queries look at key 0 only, so no softmax row is empty.
         query_pos = torch.where(valid, starts[:, None] + step[None, :], 0)

@@ -1,0 +1,127 @@
+"""The C++ prefill attention kernel against exact causal attention over each sequence's keys,
+read from a paged cache in shuffled blocks, and against the SDPA path it replaces."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from rillm.kernels import load_cpu_kernels
+from rillm.worker.attention import (
+    AttentionMetadata,
+    KVCache,
+    paged_attention,
+    prefill_attention_available,
+)
+from rillm.worker.model_runner import ModelRunner
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    assert load_cpu_kernels(), "this machine has a C++ compiler: the kernels must build"
+    assert prefill_attention_available(), "this machine has AVX-512 BF16"
+
+
+def _case(heads, kv_heads, dim, queries, lengths, block=BLOCK, seed=0, stale=True):
+    """Sequences with `lengths` keys, the last `queries` of them this step's queries, in
+    shuffled cache blocks; with `stale`, huge keys and NaN values in the slots past them."""
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // block) for n in lengths]
+    num_blocks = sum(per_seq) + 3
+    cache = KVCache(num_blocks, block, kv_heads, dim, torch.bfloat16, torch.device("cpu"))
+    if stale:
+        cache.key.copy_(torch.randn(cache.key.shape, generator=gen) * 1e3)
+        cache.value.fill_(float("nan"))
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, keys, values = [], [], []
+    for length, count in zip(lengths, per_seq, strict=True):
+        table, order = order[:count], order[count:]
+        tables.append(table)
+        k = torch.randn(length, kv_heads, dim, generator=gen).bfloat16()
+        v = torch.randn(length, kv_heads, dim, generator=gen).bfloat16()
+        slots = torch.tensor([table[p // block] * block + p % block for p in range(length)])
+        cache.write(slots, k, v)
+        keys.append(k)
+        values.append(v)
+    width = max(per_seq)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    query_lens = torch.tensor(queries)
+    offsets = torch.cumsum(query_lens, 0) - query_lens
+    # Query rows as the model hands them over: a view into the fused q/k/v projection.
+    qkv = torch.randn(sum(queries), heads + 2 * kv_heads, dim, generator=gen).bfloat16()
+    return cache, block_tables, offsets, query_lens, torch.tensor(lengths), qkv[:, :heads], \
+        keys, values
+
+
+def _exact(q, k, v, scale):
+    """float64 causal attention of the last Q positions q [Q, H, D] over keys/values
+    [L, Hkv, D] -> [Q, H * D]."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, dim=1)
+    v = v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,lhd->hql", q.double(), k) * scale
+    length, count = k.shape[0], q.shape[0]
+    seen = torch.arange(length)[None, :] <= torch.arange(length - count, length)[:, None]
+    scores = scores.masked_fill(~seen, float("-inf"))
+    return torch.einsum("hql,lhd->qhd", scores.softmax(-1), v).flatten(1)
+
+
+def _kernel(q, cache, tables, offsets, query_lens, lens, scale, block=BLOCK):
+    out = torch.full((q.shape[0], q.shape[1] * q.shape[2]), float("nan"), dtype=torch.bfloat16)
+    torch.ops.rillm.paged_prefill_attention(q, cache.key, cache.value, tables, offsets,
+                                            query_lens, lens, block, scale, out)
+    return out
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 128), (8, 2, 64)])
+@pytest.mark.parametrize("block", [16, 8, 32])
+def test_kernel_equals_exact_causal_attention(heads, kv_heads, dim, block):
+    # Whole prompts (queries = keys) across tile and block edges, later chunks of a prompt
+    # (earlier keys already cached), and a single query.
+    queries = [1, 15, 16, 17, 40, 5, 130]
+    lengths = [1, 15, 16, 17, 100, 60, 130]
+    cache, tables, offsets, qlens, lens, q, keys, values = _case(heads, kv_heads, dim, queries,
+                                                                 lengths, block)
+    scale = dim**-0.5
+    out = _kernel(q, cache, tables, offsets, qlens, lens, scale, block)
+    for b in range(len(lengths)):
+        rows = slice(int(offsets[b]), int(offsets[b] + qlens[b]))
+        expected = _exact(q[rows], keys[b], values[b], scale)
+        # bf16 inputs, bf16 probabilities for the value pass, a bf16 result.
+        torch.testing.assert_close(out[rows].double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_the_model_path_gives_what_sdpa_gave():
+    # paged_attention with the runner's prefill group: the kernel where it is available, the
+    # gather + masked SDPA path where the runner says it is not; both bf16.
+    heads, kv_heads, dim = 9, 3, 64
+    queries, lengths = [128, 3, 70], [128, 50, 70]
+    cache, tables, offsets, qlens, lens, q, _, _ = _case(heads, kv_heads, dim, queries, lengths,
+                                                         stale=False)
+    starts = lens - qlens
+    results = []
+    for kernel in (True, False):
+        runner = types.SimpleNamespace(block_size=BLOCK, device=torch.device("cpu"),
+                                       dtype=torch.bfloat16, cpu_kernels=True,
+                                       prefill_kernel=kernel)
+        group = ModelRunner._group(runner, torch.arange(3), qlens, starts, offsets, tables)
+        assert (group.query_lens is not None) == kernel
+        metadata = AttentionMetadata(torch.zeros(len(q), dtype=torch.long), (group,), False, True)
+        results.append(paged_attention(q.contiguous(), cache, metadata, dim**-0.5))
+    torch.testing.assert_close(results[0].float(), results[1].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bad_arguments_are_errors_not_crashes():
+    cache, tables, offsets, qlens, lens, q, _, _ = _case(9, 3, 64, [4, 4], [4, 20])
+    with pytest.raises(RuntimeError, match="is not a cache block"):
+        _kernel(q, cache, torch.full_like(tables, 10_000), offsets, qlens, lens, 0.125)
+    with pytest.raises(RuntimeError, match="do not fit its block table"):
+        _kernel(q, cache, tables, offsets, qlens, lens * 100, 0.125)
+    with pytest.raises(RuntimeError, match="not rows of q"):
+        _kernel(q, cache, tables, offsets + 5, qlens, lens, 0.125)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        _kernel(q.float(), cache, tables, offsets, qlens, lens, 0.125)
