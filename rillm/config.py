@@ -23,7 +23,8 @@ class EngineConfig:
     """None: the model's context length, capped by what the KV cache holds."""
     block_size: int = 16
     kv_cache_space_gib: float = 0.5
-    """Memory for the KV cache; pages are committed only as blocks are first used."""
+    """Memory for the KV cache; on the CPU it is committed only as blocks are first written
+    (2 MiB at a time where the kernel gives transparent huge pages)."""
     num_kv_blocks: int | None = None
     """Overrides kv_cache_space_gib when set."""
     max_num_seqs: int = 64

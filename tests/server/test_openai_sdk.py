@@ -7,7 +7,11 @@ import asyncio
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-MESSAGES = [{"role": "system", "content": "You are terse."},
+# A system prompt under which the tiny default model's greedy answer is "The capital of France
+# is Paris." by a clear margin (>= 0.375 nats between its first two candidates at every token
+# before "Paris", float32 and bf16 paths alike). Under "You are terse." the exact float32 model
+# prefers "The" over "Al" by 0.05 nats, so rounding alone decides between "Paris" and nonsense.
+MESSAGES = [{"role": "system", "content": "Answer in one sentence."},
             {"role": "user", "content": "What is the capital of France?"}]
 
 
