@@ -16,7 +16,7 @@ from rillm.loader.loaded_model import LoadedModel
 from rillm.loader.tokenizer import chat_template_of, load_gguf_tokenizer
 from rillm.loader.weight_layout import check_weights
 from rillm.model.config import ModelArchConfig
-from rillm.model.int4_linear import SUPPORTED_TYPES, GGUFBlocks
+from rillm.model.int4_linear import SUPPORTED_TYPES, GGUFBlocks, dequantize_blocks
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 """`general.architecture` values we load. Mistral models are written as "llama" by llama.cpp."""
@@ -179,14 +179,19 @@ def _hf_name(gguf_name: str) -> str | None:
 
 def _dequantize(path: str, tensor: gguf.ReaderTensor) -> np.ndarray:
     """The tensor as an owned float32 array in HF layout (`[out, in]` for a matrix)."""
+    # GGUF lists dimensions fastest-first, so [in, out] there is [out, in] here.
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    if tensor.tensor_type.name in SUPPORTED_TYPES and len(shape) == 2:
+        rows, cols = shape
+        blocks = GGUFBlocks(tensor.tensor_type.name, np.asarray(tensor.data).reshape(rows, -1),
+                            (rows, cols))
+        return dequantize_blocks(blocks).numpy()
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as exc:
         raise ModelLoadError(
             path, f"tensor {tensor.name!r} has unsupported type {tensor.tensor_type.name}"
         ) from exc
-    # GGUF lists dimensions fastest-first, so [in, out] there is [out, in] here.
-    shape = tuple(int(d) for d in reversed(tensor.shape))
     # Copy: F32 data comes back as a view of the read-only memory map.
     return np.array(values, dtype=np.float32).reshape(shape)
 

