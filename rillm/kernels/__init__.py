@@ -99,6 +99,15 @@ def load_cpu_kernels(cache_dir: Path | None = None) -> bool:
     return True
 
 
+def kernel_vectorized(name: str) -> bool:
+    """`torch.ops.rillm.<name>_vectorized()`: the kernel is loaded and was built with its
+    vector path for this CPU. False where the kernels are not loaded."""
+    try:
+        return bool(getattr(torch.ops.rillm, f"{name}_vectorized")())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _registered() -> bool:
     try:
         torch.ops.rillm.paged_decode_attention  # noqa: B018 - the lookup is the check

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rillm.kernels import kernel_vectorized
+
 GROUP_SIZE = 32
 """Weights per (scale, zero) pair: both GGUF block formats used here hold 32."""
 _INNER_K_TILES = 2
@@ -115,19 +117,13 @@ def int4_weights(blocks: GGUFBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def gguf_kernel_available() -> bool:
     """rillm's gguf_linear is loaded and vectorized for this CPU (AVX-512 VNNI and BF16)."""
-    try:
-        return bool(torch.ops.rillm.gguf_linear_vectorized())
-    except (AttributeError, RuntimeError):
-        return False
+    return kernel_vectorized("gguf_linear")
 
 
 def rillm_q4_available() -> bool:
     """rillm's q4_linear is loaded and vectorized for this CPU (else PyTorch's kernel is
     faster)."""
-    try:
-        return bool(torch.ops.rillm.q4_linear_vectorized())
-    except (AttributeError, RuntimeError):
-        return False
+    return kernel_vectorized("q4_linear")
 
 
 class Int4Linear(nn.Module):

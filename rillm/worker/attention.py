@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rillm.kernels import kernel_vectorized
+
 
 @dataclass(frozen=True)
 class AttentionGroup:
@@ -113,10 +115,7 @@ class KVCache:
 
 def prefill_attention_available() -> bool:
     """rillm's paged_prefill_attention is loaded and vectorized for this CPU (AVX-512 BF16)."""
-    try:
-        return bool(torch.ops.rillm.prefill_attention_vectorized())
-    except (AttributeError, RuntimeError):
-        return False
+    return kernel_vectorized("prefill_attention")
 
 
 _HUGE_PAGE = 2 << 20

@@ -175,7 +175,7 @@ class ModelRunner:
         num_blocks = -(-int((starts + num_new).max()) // self.block_size)
         tables = block_tables[rows, :num_blocks]
         device = self.device
-        if q_len == 1 and self.cpu_kernels or self.prefill_kernel:
+        if (q_len == 1 and self.cpu_kernels) or self.prefill_kernel:
             # A C++ kernel reads the cache by block table: no mask, nothing gathered.
             prefill = q_len > 1
             return AttentionGroup(

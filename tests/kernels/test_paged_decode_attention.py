@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rillm.kernels import load_cpu_kernels
-from rillm.worker.attention import KVCache
+from tests.kernels.paged_cache import filled_cache
 
 BLOCK = 16
 
@@ -22,22 +22,7 @@ def kernels():
 def _case(dtype, heads, kv_heads, dim, lengths, seed=0):
     """A cache holding random keys/values for sequences of `lengths`, in shuffled blocks."""
     gen = torch.Generator().manual_seed(seed)
-    per_seq = [-(-n // BLOCK) for n in lengths]
-    num_blocks = sum(per_seq) + 3
-    cache = KVCache(num_blocks, BLOCK, kv_heads, dim, dtype, torch.device("cpu"))
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, keys, values = [], [], []
-    for length, count in zip(lengths, per_seq, strict=True):
-        table, order = order[:count], order[count:]
-        tables.append(table)
-        k = torch.randn(length, kv_heads, dim, generator=gen).to(dtype)
-        v = torch.randn(length, kv_heads, dim, generator=gen).to(dtype)
-        slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)])
-        cache.write(slots, k, v)
-        keys.append(k)
-        values.append(v)
-    width = max(per_seq)
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    cache, block_tables, keys, values = filled_cache(dtype, kv_heads, dim, lengths, gen, BLOCK)
     # Query rows as the model hands them over: a view into the fused q/k/v projection.
     qkv = torch.randn(len(lengths), heads + 2 * kv_heads, dim, generator=gen).to(dtype)
     return cache, block_tables, torch.tensor(lengths), qkv[:, :heads], keys, values

@@ -9,13 +9,9 @@ import pytest
 import torch
 
 from rillm.kernels import load_cpu_kernels
-from rillm.worker.attention import (
-    AttentionMetadata,
-    KVCache,
-    paged_attention,
-    prefill_attention_available,
-)
+from rillm.worker.attention import AttentionMetadata, paged_attention, prefill_attention_available
 from rillm.worker.model_runner import ModelRunner
+from tests.kernels.paged_cache import filled_cache
 
 BLOCK = 16
 
@@ -30,25 +26,8 @@ def _case(heads, kv_heads, dim, queries, lengths, block=BLOCK, seed=0, stale=Tru
     """Sequences with `lengths` keys, the last `queries` of them this step's queries, in
     shuffled cache blocks; with `stale`, huge keys and NaN values in the slots past them."""
     gen = torch.Generator().manual_seed(seed)
-    per_seq = [-(-n // block) for n in lengths]
-    num_blocks = sum(per_seq) + 3
-    cache = KVCache(num_blocks, block, kv_heads, dim, torch.bfloat16, torch.device("cpu"))
-    if stale:
-        cache.key.copy_(torch.randn(cache.key.shape, generator=gen) * 1e3)
-        cache.value.fill_(float("nan"))
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, keys, values = [], [], []
-    for length, count in zip(lengths, per_seq, strict=True):
-        table, order = order[:count], order[count:]
-        tables.append(table)
-        k = torch.randn(length, kv_heads, dim, generator=gen).bfloat16()
-        v = torch.randn(length, kv_heads, dim, generator=gen).bfloat16()
-        slots = torch.tensor([table[p // block] * block + p % block for p in range(length)])
-        cache.write(slots, k, v)
-        keys.append(k)
-        values.append(v)
-    width = max(per_seq)
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    cache, block_tables, keys, values = filled_cache(torch.bfloat16, kv_heads, dim, lengths, gen,
+                                                     block, stale)
     query_lens = torch.tensor(queries)
     offsets = torch.cumsum(query_lens, 0) - query_lens
     # Query rows as the model hands them over: a view into the fused q/k/v projection.

@@ -40,6 +40,17 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// The attention kernels read wherever the block tables point: check that every block
+// sequence `b` reads (the first ceil(length / block_size) entries of its row `table`) is a block
+// of the cache.
+inline void check_block_table(const int64_t* table, int64_t b, int64_t length, int64_t block_size,
+                              int64_t num_blocks) {
+  for (int64_t i = 0; i * block_size < length; ++i) {
+    TORCH_CHECK(table[i] >= 0 && table[i] < num_blocks, "block_tables[", b, "][", i, "] = ",
+                table[i], " is not a cache block");
+  }
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
                                   const at::Tensor& value_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, int64_t block_size,

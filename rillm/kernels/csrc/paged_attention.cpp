@@ -363,11 +363,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   for (int64_t b = 0; b < q.size(0); ++b) {
     TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_blocks * block_size,
                 "context_lens[", b, "] = ", lens[b], " does not fit its block table");
-    for (int64_t i = 0; i * block_size < lens[b]; ++i) {
-      const int64_t block = tables[b * max_blocks + i];
-      TORCH_CHECK(block >= 0 && block < num_blocks, "block_tables[", b, "][", i, "] = ", block,
-                  " is not a cache block");
-    }
+    check_block_table(tables + b * max_blocks, b, lens[b], block_size, num_blocks);
   }
   auto out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
 #ifdef RILLM_AVX512_BF16

@@ -302,11 +302,7 @@ void paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_cache,
                 " keys do not fit its block table");
     TORCH_CHECK(offsets[b] >= 0 && offsets[b] + qlens[b] <= q.size(0), "sequence ", b,
                 ": its queries are not rows of q");
-    for (int64_t i = 0; i * block_size < lens[b]; ++i) {
-      const int64_t block = tables[b * max_blocks + i];
-      TORCH_CHECK(block >= 0 && block < num_blocks, "block_tables[", b, "][", i, "] = ", block,
-                  " is not a cache block");
-    }
+    check_block_table(tables + b * max_blocks, b, lens[b], block_size, num_blocks);
   }
 #ifdef RILLM_AVX512_BF16
   auto kernel = dim == 64 ? &prefill_attention<64> : &prefill_attention<128>;
