@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-all lint bench generate clean
+.PHONY: install serve test test-fast test-all lint bench generate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ serve: $(STAMP)
 
 test: $(STAMP) $(VENV)/.browser
 	$(BIN)/python -m pytest -q
+
+# The engine, kernels, model and parsers without a server process or a browser (~5 min).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not slow and not server and not browser'
 
 test-all: $(STAMP) $(VENV)/.browser
 	$(BIN)/python -m pytest -q -m ''

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
+from rillm.attention import KVCache
 from rillm.kernels import load_cpu_kernels
-from rillm.worker.attention import KVCache
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, BLOCK = 30, 3, 3, 64, 16  # SmolLM2-135M
 

@@ -2,7 +2,7 @@
 
     python bench/offline_throughput.py                      # 1, 8 and 32 concurrent, 128/128
     python bench/offline_throughput.py --concurrency 1 32 --dtype bfloat16 --json out.json
-    python -m bench.offline_throughput --engines float32 int4-bf16 int4-bf16@2 --repeats 3
+    python -m bench.offline_throughput --engines float32 gguf gguf@2 --repeats 3
 
 Each level submits C requests at once (random prompt tokens, ignore_eos so every request
 generates exactly O tokens) and steps the engine until all finish. Reported: output tokens/s,

@@ -1,7 +1,7 @@
 """Perplexity of the engine's model on a fixed text, for several configurations.
 
-    python -m bench.perplexity                                  # float32 bfloat16 int4 int4-bf16
-    python -m bench.perplexity --engines float32 int4 --chunk 1
+    python -m bench.perplexity                                  # float32 bfloat16 gguf
+    python -m bench.perplexity --engines float32 gguf --chunk 1
 
 The text (bench/data/perplexity.txt by default, ~700 tokens) is fed through the engine's model
 runner in chunks of --chunk tokens through the paged KV cache, exactly as the engine runs a
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--text", default=DEFAULT_TEXT)
     parser.add_argument("--engines", nargs="+",
-                        default=["float32", "bfloat16", "int4", "int4-bf16"])
+                        default=["float32", "bfloat16", "gguf"])
     parser.add_argument("--chunk", type=int, nargs="+", default=[1, 256])
     args = parser.parse_args()
     loaded = load_model(args.model)

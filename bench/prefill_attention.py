@@ -5,7 +5,7 @@ kernel (`paged_prefill_attention`) against the path it replaced (gather + masked
 
 Prints µs per layer (median and best of 20 calls, each path twice, alternating) and the
 largest difference between the two outputs. Both paths run bf16 through
-`rillm.worker.attention.paged_attention` with the metadata the model runner builds.
+`rillm.attention`'s two prefill backends with the metadata each builds.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import types
 from collections.abc import Callable
 
 import torch
 
+from rillm.attention import KVCache, PagedAttention, SequenceGroup
+from rillm.attention.backends import KernelDecode, KernelPrefill, TorchPrefill
 from rillm.kernels import load_cpu_kernels
-from rillm.worker.attention import AttentionMetadata, KVCache, paged_attention
-from rillm.worker.model_runner import ModelRunner
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16  # SmolLM2-135M
 
@@ -61,14 +60,13 @@ def main() -> None:
     tokens = args.prompts * args.prompt_len
     q = torch.randn(tokens, HEADS, HEAD_DIM, generator=gen).bfloat16()
     paths = {}
-    for name, kernel in (("kernel", True), ("gather + SDPA", False)):
-        runner = types.SimpleNamespace(block_size=BLOCK, device=torch.device("cpu"),
-                                       dtype=torch.bfloat16, cpu_kernels=True,
-                                       prefill_kernel=kernel)
-        group = ModelRunner._group(runner, torch.arange(args.prompts), query_lens, starts,
-                                   offsets, tables)
-        metadata = AttentionMetadata(torch.zeros(tokens, dtype=torch.long), (group,), False, True)
-        paths[name] = (lambda m=metadata: paged_attention(q, cache, m, HEAD_DIM**-0.5))
+    group = SequenceGroup(query_lens, starts, offsets, tables)
+    cpu = torch.device("cpu")
+    for name, prefill in (("kernel", KernelPrefill(BLOCK, cpu)),
+                          ("gather + SDPA", TorchPrefill(BLOCK, cpu))):
+        attention = PagedAttention(KernelDecode(BLOCK, cpu), prefill)
+        metadata = attention.build(torch.zeros(tokens, dtype=torch.long), None, group)
+        paths[name] = (lambda a=attention, m=metadata: a.forward(q, cache, m, HEAD_DIM**-0.5))
     results: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(2):
         for name, fn in paths.items():

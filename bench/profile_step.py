@@ -1,7 +1,7 @@
 """Profile decode steps of the engine: C requests, prefilled, then N decode steps under the
 torch profiler. Prints the top operators by self CPU time and the mean step time.
 
-    python -m bench.profile_step --concurrency 1 --engine int4@1
+    python -m bench.profile_step --concurrency 1 --engine gguf@1
 """
 
 from __future__ import annotations

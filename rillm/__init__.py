@@ -13,7 +13,7 @@ __all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParam
 def __getattr__(name: str) -> object:
     # LLM pulls in torch and the model code; `import rillm` for SamplingParams stays light.
     if name == "LLM":
-        from rillm.llm import LLM
+        from rillm.engine.offline import LLM
 
         return LLM
     raise AttributeError(f"module 'rillm' has no attribute {name!r}")

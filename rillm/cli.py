@@ -8,10 +8,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rillm import __version__
 from rillm.parsers.reasoning import REASONING_PARSERS
 from rillm.parsers.tool_calls import TOOL_CALL_PARSERS
+
+if TYPE_CHECKING:
+    from rillm.config import EngineConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,11 +163,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="memory for the KV cache in GiB")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=True)
-    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
-                        help="auto (default): int4 on a CPU with --dtype auto; int4: run a "
-                        "GGUF's Q4_1/Q8_0 weights as they are; none: dequantize them (the exact, "
-                        "batch-invariant reference); int8: int8 weights and activations for "
-                        "batches and prefill (lossy, opt-in)")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "gguf"],
+                        help="auto (default): gguf on a CPU with --dtype auto; gguf: run a "
+                        "GGUF's Q4_1/Q8_0 blocks as they are; none: dequantize them (the exact, "
+                        "batch-invariant reference)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads for the model's steps (default: all cores)")
     parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
@@ -171,7 +174,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "~/.cache/rillm/kernels); --no-cpu-kernels: the PyTorch path only")
 
 
-def engine_config(args: argparse.Namespace):  # noqa: ANN201 - EngineConfig, imported lazily
+def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine settings from the command line."""
     from rillm.config import EngineConfig
 
@@ -193,7 +196,7 @@ def engine_config(args: argparse.Namespace):  # noqa: ANN201 - EngineConfig, imp
 
 def run_generate(args: argparse.Namespace) -> int:
     # Heavy imports only once the arguments are known to be good.
-    from rillm.engine.llm_engine import LLMEngine
+    from rillm.engine.offline import LLM
     from rillm.loader import ModelLoadError
     from rillm.sampling_params import SamplingParams
 
@@ -203,33 +206,30 @@ def run_generate(args: argparse.Namespace) -> int:
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
             max_tokens=args.max_tokens, stop=args.stop,
         )
-        engine = LLMEngine(engine_config(args))
+        llm = LLM(config=engine_config(args))
     except (ValueError, ModelLoadError) as exc:
         print(f"rillm: error: {exc}", file=sys.stderr)
         return 2
-    tokenizer = engine.tokenizer
-    if args.raw or not engine.chat_template:
+    tokenizer = llm.get_tokenizer()
+    if args.raw or not llm.chat_template:
         ids = tokenizer.encode(prompt)
     else:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})
         text = tokenizer.apply_chat_template(
-            messages, chat_template=engine.chat_template, add_generation_prompt=True,
+            messages, chat_template=llm.chat_template, add_generation_prompt=True,
             tokenize=False,
         )
         ids = tokenizer.encode(text, add_special_tokens=False)
     try:
-        engine.add_request("cli", ids, params)
+        for out in llm.stream(ids, params):
+            sys.stdout.write(out.outputs[0].text)
+            sys.stdout.flush()
     except ValueError as exc:
         print(f"rillm: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                sys.stdout.write(out.outputs[0].text)
-                sys.stdout.flush()
     except KeyboardInterrupt:
-        engine.abort_request("cli")
+        pass  # the stream aborted its request
     sys.stdout.write("\n")
     return 0
 

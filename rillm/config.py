@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-QUANTIZATIONS = ("auto", "none", "int4", "int8")
+QUANTIZATIONS = ("auto", "none", "gguf")
+_RETIRED = {"int4": "it is called gguf now",
+            "int8": "it was removed (no faster than gguf, and "
+            "lossy beyond the file's own quantization: docs/benchmark-history.md)"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16",
                  "fp16": "float16"}
@@ -36,24 +39,19 @@ class EngineConfig:
     """Torch intra-op threads for the model's steps, set in whichever thread runs them (torch
     keeps the count per thread); None: every core this process may run on."""
     cpu_kernels: bool = True
-    """On the CPU, use rillm's C++ kernels (rillm/kernels: decode attention read from the paged
-    cache in place, rotary + K/V cache write in one op, RMSNorm outside float32, the int4
-    matmul, a decoder layer of a decode step as one op), compiled on first use and cached;
-    where they cannot be built, or False, the pure PyTorch path (same results to rounding)."""
+    """On the CPU, use rillm's C++ kernels (rillm/kernels; which ones run is the KernelPlan
+    logged at start-up), compiled on first use and cached; where they cannot be built, or
+    False, the pure PyTorch path (same results to rounding)."""
     quantization: str = "auto"
-    """What to do with a GGUF file's Q4_1 / Q8_0 matrices: "int4" keeps them quantized and
-    multiplies with them as they are, "none" dequantizes them to `dtype`; "auto" (the default)
-    is "int4" when dtype is auto and the device the CPU, else "none". With rillm's C++ kernels
-    on a CPU with AVX-512 VNNI, "int4" runs every matmul on the file's blocks times the
-    activations rounded to int8 per block of 32 (llama.cpp's arithmetic for these formats);
-    elsewhere an int4 kernel on bfloat16 activations up to 4 rows and a bfloat16 copy of the
-    weights packed for oneDNN above. Perplexity within 0.6% of the dequantized float32 model
-    (BENCHMARKS.md). Unlike "none", rounding depends on the kernels' blocking, so a request's
-    greedy tokens can differ alone and in a batch; "none" is the exact, batch-invariant
-    reference path. "int8" (opt-in, CPU, a GGUF file) is the int4 kernel up to 4 rows and an
-    int8 copy above: weights rounded to int8 per output row, activations per row on every call,
-    both rotated by blocks of 64; lossy beyond the file's own quantization and, since the
-    default runs on the blocks, no faster (BENCHMARKS.md)."""
+    """What to do with a GGUF file's Q4_1 / Q8_0 matrices: "gguf" keeps the file's blocks and
+    multiplies by them as they are, "none" dequantizes them to `dtype`; "auto" (the default) is
+    "gguf" when dtype is auto and the device the CPU, else "none". With rillm's C++ kernels on
+    a CPU with AVX-512 VNNI, "gguf" runs every matmul on the blocks times the activations
+    rounded to int8 per block of 32 (llama.cpp's arithmetic for these formats); elsewhere
+    PyTorch's int4 kernel up to 4 rows and a bfloat16 copy of the weights packed for oneDNN
+    above. Perplexity within 0.6% of the dequantized float32 model (BENCHMARKS.md). Unlike
+    "none", rounding depends on the kernels' blocking, so a request's greedy tokens can differ
+    alone and in a batch; "none" is the exact, batch-invariant reference path."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -66,10 +64,12 @@ class EngineConfig:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         _ = self.torch_dtype  # raises for an unknown dtype
+        if self.quantization in _RETIRED:
+            raise ValueError(f"quantization {self.quantization}: {_RETIRED[self.quantization]}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be {', '.join(QUANTIZATIONS)}; "
                              f"got {self.quantization!r}")
-        if self.quantization in ("int4", "int8") and self.device != "cpu":
+        if self.quantization == "gguf" and self.device != "cpu":
             raise ValueError(f"quantization {self.quantization} runs on the CPU only")
 
     @property
@@ -86,11 +86,11 @@ class EngineConfig:
         """Whether the model keeps a GGUF file's quantized matrices (see `quantization`)."""
         if self.quantization == "auto":
             return self.dtype == "auto" and self.device == "cpu"
-        return self.quantization in ("int4", "int8")
+        return self.quantization == "gguf"
 
     def model_dtype(self, quantized: bool) -> torch.dtype:
-        """The activations' dtype for a model that does (or does not) keep int4 weights: the
-        int4 kernel takes bfloat16, so an int4 model under dtype auto runs in bfloat16."""
+        """The activations' dtype for a model that does (or does not) keep a GGUF's blocks: the
+        block kernels take bfloat16, so such a model under dtype auto runs in bfloat16."""
         if quantized and DTYPE_ALIASES.get(self.dtype, self.dtype) == "auto":
             return torch.bfloat16
         return self.torch_dtype

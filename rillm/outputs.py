@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -47,3 +47,26 @@ class RequestOutput:
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache instead of being computed."""
     metrics: dict[str, float] = field(default_factory=dict, compare=False)
+
+
+def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """Two consecutive deltas of one request as one delta."""
+    by_index = {c.index: c for c in first.outputs}
+    for c in second.outputs:
+        prev = by_index.get(c.index)
+        if prev is None:
+            by_index[c.index] = c
+            continue
+        logprobs = None
+        if prev.logprobs is not None or c.logprobs is not None:
+            logprobs = (prev.logprobs or ()) + (c.logprobs or ())
+        by_index[c.index] = CompletionOutput(
+            index=c.index,
+            text=prev.text + c.text,
+            token_ids=prev.token_ids + c.token_ids,
+            logprobs=logprobs,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )
+    outputs = tuple(by_index[i] for i in sorted(by_index))
+    return replace(second, outputs=outputs)

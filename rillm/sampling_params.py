@@ -139,9 +139,12 @@ class SamplingParams:
 class InvalidParameterError(ValueError):
     """A request parameter with a bad value; `param` names it (the server's 400 carries it)."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, code: str | None = None) -> None:
         super().__init__(f"{param}: {message}")
         self.param = param
+        self.message = message
+        self.code = code
+        """OpenAI's error code where it has one (context_length_exceeded)."""
 
 
 def _check(ok: bool, param: str, message: str) -> None:

@@ -56,7 +56,7 @@ def make_engine(default_loaded):
 
 @pytest.fixture(scope="session")
 def default_engine(make_engine):
-    """A shared engine with default settings (on a CPU: the GGUF's int4 weights). Tests must
+    """A shared engine with default settings (on a CPU: the GGUF's own blocks). Tests must
     leave it with no requests."""
     engine = make_engine()
     yield engine
@@ -68,15 +68,6 @@ def exact_engine(make_engine):
     """The exact path: weights dequantized to float32 (`quantization="none"`), the one whose
     greedy tokens equal transformers' and never depend on the batch. Leave it empty."""
     engine = make_engine(quantization="none")
-    yield engine
-    assert not engine.has_unfinished_requests()
-
-
-@pytest.fixture(scope="session")
-def int8_engine(make_engine):
-    """`quantization="int8"` (opt-in): int8 matmuls above the int4 kernel's rows. Leave it
-    empty."""
-    engine = make_engine(quantization="int8")
     yield engine
     assert not engine.has_unfinished_requests()
 
@@ -105,3 +96,21 @@ def reasoning_server() -> Iterator[Server]:
         "--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser",
         "hermes", "--default-chat-template-kwargs", '{"flavor": "vanilla"}',
     )
+
+
+_SERVER_FIXTURES = {"server", "guarded_server", "reasoning_server"}
+_SERVER_DIRS = ("tests/server/", "tests/client/", "tests/bench/")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tiers a developer can run alone (`make test-fast`: neither): `server` for tests that
+    start a `rillm serve` process or an app on a loopback port, `browser` for those that drive
+    Chromium. `make test` runs every tier."""
+    root = str(config.rootpath) + "/"
+    for item in items:
+        path = str(item.path).removeprefix(root)
+        if _SERVER_FIXTURES & set(item.fixturenames) or path.startswith(_SERVER_DIRS) \
+                or path == "tests/test_cli.py":
+            item.add_marker(pytest.mark.server)
+        if path == "tests/client/test_chat_page.py":
+            item.add_marker(pytest.mark.browser)

@@ -41,7 +41,7 @@ def start_server(*args: str, api_key: str | None = None, timeout: float = 180.0
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RILLM_API_KEY", None)
-    log = open(f"/tmp/rillm-test-server-{port}.log", "w")  # noqa: SIM115 - closed below
+    log = open(f"/tmp/rillm-test-server-{port}.log", "w")  # closed below
     process = subprocess.Popen(
         [sys.executable, "-m", "rillm.cli", "serve", "--port", str(port), *args],
         stdout=log, stderr=subprocess.STDOUT, env=env,

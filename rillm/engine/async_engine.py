@@ -14,11 +14,14 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
 
 from rillm.config import EngineConfig
 from rillm.engine.llm_engine import LLMEngine
-from rillm.outputs import CompletionOutput, RequestOutput
+from rillm.kernels.plan import KernelPlan
+from rillm.outputs import RequestOutput, merge_outputs
 from rillm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -67,29 +70,6 @@ class _Mailbox:
         return item
 
 
-def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
-    """Two consecutive deltas of one request as one delta."""
-    by_index = {c.index: c for c in first.outputs}
-    for c in second.outputs:
-        prev = by_index.get(c.index)
-        if prev is None:
-            by_index[c.index] = c
-            continue
-        logprobs = None
-        if prev.logprobs is not None or c.logprobs is not None:
-            logprobs = (prev.logprobs or ()) + (c.logprobs or ())
-        by_index[c.index] = CompletionOutput(
-            index=c.index,
-            text=prev.text + c.text,
-            token_ids=prev.token_ids + c.token_ids,
-            logprobs=logprobs,
-            finish_reason=c.finish_reason,
-            stop_reason=c.stop_reason,
-        )
-    outputs = tuple(by_index[i] for i in sorted(by_index))
-    return replace(second, outputs=outputs)
-
-
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
         """`engine`, or a function that builds one: it is then called on the loop thread (and
@@ -126,9 +106,40 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    # -- what the server may know of the engine: read-only facts, fixed once it is built --
+
     @property
-    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.engine.chat_template
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.config.max_num_seqs
+
+    @property
+    def kernels(self) -> KernelPlan:
+        return self.engine.kernels
+
+    async def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> int:
+        """The engine's admission checks, for a caller to run once before it answers: the
+        resolved max_tokens, to hand to `generate`. Raises InvalidParameterError naming the
+        parameter. A structured-outputs grammar compiles on a worker thread (into xgrammar's
+        thread-safe cache), not on the event loop."""
+        if params.structured_outputs is None:
+            return self.engine.validate(prompt_token_ids, params)
+        return await asyncio.to_thread(self.engine.validate, prompt_token_ids, params)
 
     def stats(self) -> EngineStats:
         """A snapshot read across threads: good for monitoring, not for decisions."""
@@ -147,16 +158,20 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         prompt: str | None = None,
+        max_tokens: int | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's output deltas until it finishes. Raises InvalidParameterError
-        before yielding anything for a request the model cannot take; leaving the iteration
-        early (or cancelling it) aborts the request."""
+        """Stream the request's output deltas until it finishes. `max_tokens`: what
+        `validate` returned for this request; None: it is validated here, and
+        InvalidParameterError raised before anything is yielded. Leaving the iteration early
+        (or cancelling it) aborts the request."""
         if self.error is not None:
             raise EngineDeadError("the engine has stopped") from self.error
-        self.engine.validate(prompt_token_ids, params)
+        if max_tokens is None:
+            max_tokens = await self.validate(prompt_token_ids, params)
         mailbox = _Mailbox()
         loop = asyncio.get_running_loop()
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params, prompt, loop, mailbox))
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, prompt, max_tokens,
+                         loop, mailbox))
         if self.error is not None:  # it died between the check above and the put
             raise EngineDeadError("the engine has stopped") from self.error
         finished = False
@@ -212,10 +227,10 @@ class AsyncEngine:
             block = False
             kind = message[0]
             if kind == "add":
-                _, request_id, prompt_ids, params, prompt, loop, mailbox = message
+                _, request_id, prompt_ids, params, prompt, max_tokens, loop, mailbox = message
                 self._routes[request_id] = (loop, mailbox)
                 try:
-                    self.engine.add_request(request_id, prompt_ids, params, prompt)
+                    self.engine.add_request(request_id, prompt_ids, params, prompt, max_tokens)
                 except ValueError as exc:
                     self._deliver([(request_id, exc, True)])
             elif kind == "abort":
@@ -231,7 +246,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if message[0] == "add":
-                loop, mailbox = message[5], message[6]
+                loop, mailbox = message[6], message[7]
                 loop.call_soon_threadsafe(mailbox.put, error)
 
     def _deliver(

@@ -15,20 +15,21 @@ import logging
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from rillm.arch_config import ModelArchConfig
+from rillm.attention import PagedAttention
 from rillm.config import EngineConfig
 from rillm.core.block_manager import BlockManager
 from rillm.core.request import Request, RequestStatus
 from rillm.core.scheduler import Scheduler, SchedulerConfig
 from rillm.engine.detokenizer import IncrementalDetokenizer
 from rillm.engine.grammar import GrammarCompiler
-from rillm.kernels import load_cpu_kernels
+from rillm.kernels.plan import KernelPlan, resolve_kernels
 from rillm.loader import LoadedModel, load_model
-from rillm.model.config import ModelArchConfig
-from rillm.model.llama import build_model
+from rillm.model.builder import build_model
 from rillm.outputs import CompletionOutput, Logprob, RequestOutput
 from rillm.sampling_params import InvalidParameterError, SamplingParams
 from rillm.worker.model_runner import ModelRunner
@@ -65,13 +66,20 @@ class LLMEngine:
         self.chat_template = loaded.chat_template
         device = torch.device(config.device)
         quantized = loaded.quantized if config.keep_gguf_quantization else {}
-        if config.quantization == "int8" and not quantized:
-            raise ValueError("quantization int8 needs a GGUF file with Q4_1 or Q8_0 matrices; "
+        if config.quantization == "gguf" and not quantized:
+            raise ValueError("quantization gguf needs a GGUF file with Q4_1 or Q8_0 matrices; "
                              f"{loaded.path} has none")
         self.dtype = config.model_dtype(bool(quantized))
-        cpu_kernels = device.type == "cpu" and config.cpu_kernels and load_cpu_kernels()
-        model = build_model(loaded.config, loaded.weights, self.dtype, device, quantized=quantized,
-                            cpu_kernels=cpu_kernels, dense_int8=config.quantization == "int8")
+        arch = loaded.config
+        plan = resolve_kernels(device, self.dtype, arch.head_dim, bool(quantized),
+                               config.cpu_kernels,
+                               fusable_layers=not (arch.qk_norm or arch.attention_bias))
+        attention = PagedAttention.for_plan(plan, config.block_size, self.dtype, device)
+        model = build_model(arch, loaded.weights, self.dtype, device, plan, attention, quantized)
+        self.kernels: KernelPlan = replace(plan,
+                                           fused_decode=model.model.fused_decode is not None)
+        """What this engine runs (logged once, at start-up)."""
+        logger.info("rillm: kernels: %s", self.kernels.describe())
 
         num_blocks = config.num_kv_blocks or self._blocks_for_space(config)
         capacity = num_blocks * config.block_size
@@ -86,8 +94,8 @@ class LLMEngine:
             self.block_manager,
         )
         self.runner = ModelRunner(
-            model, loaded.config, num_blocks, config.block_size, self.dtype, device, threads,
-            cpu_kernels,
+            model, attention, loaded.config, num_blocks, config.block_size, self.dtype, device,
+            threads, plan.argmax,
         )
         self.grammars = GrammarCompiler(
             self.tokenizer, loaded.config.vocab_size, loaded.config.eos_token_ids
@@ -109,19 +117,19 @@ class LLMEngine:
             raise InvalidParameterError("prompt", "the prompt is empty")
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidParameterError("prompt", f"token ids must be in [0, {vocab})")
-        room = self.max_model_len - len(prompt_token_ids)
+        num_prompt, limit = len(prompt_token_ids), self.max_model_len
+        room = limit - num_prompt
         if room < 1:
             raise InvalidParameterError(
-                "prompt",
-                f"the prompt has {len(prompt_token_ids)} tokens, but the model's context "
-                f"length (max_model_len) is {self.max_model_len}",
-            )
+                "prompt", f"This model's maximum context length is {limit} tokens, but the "
+                f"prompt has {num_prompt} tokens, leaving no room for a completion.",
+                code="context_length_exceeded")
         if params.max_tokens is not None and params.max_tokens > room:
             raise InvalidParameterError(
-                "max_tokens",
-                f"the prompt ({len(prompt_token_ids)} tokens) plus max_tokens "
-                f"({params.max_tokens}) exceeds the context length {self.max_model_len}",
-            )
+                "max_tokens", f"This model's maximum context length is {limit} tokens. However, "
+                f"you requested {num_prompt + params.max_tokens} tokens ({num_prompt} in the "
+                f"prompt, {params.max_tokens} for the completion). Please reduce the prompt or "
+                "max_tokens.", code="context_length_exceeded")
         if params.min_tokens > room:
             raise InvalidParameterError("min_tokens", f"must be at most {room} for this prompt")
         for name, ids in (("logit_bias", params.logit_bias or {}),
@@ -138,10 +146,15 @@ class LLMEngine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         prompt: str | None = None,
+        max_tokens: int | None = None,
     ) -> None:
+        """Queue a request. `max_tokens`: what `validate` returned for it, where the caller
+        has validated it already (the async engine, before a response starts); None:
+        validated here."""
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        max_tokens = self.validate(prompt_token_ids, params)
+        if max_tokens is None:
+            max_tokens = self.validate(prompt_token_ids, params)
         prompt_ids = list(prompt_token_ids)
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         parent = _Parent(request_id, tuple(prompt_ids), prompt)

@@ -7,8 +7,6 @@
   to the PyTorch path;
 - `rms_norm` (csrc/rms_norm.cpp): RMSNorm in one op instead of eight, the same roundings but
   the squares summed in another order (used outside float32 only);
-- `q4_linear` and `q4_pack` (csrc/q4_linear.cpp): a few rows of activations times 4-bit
-  block-quantized weights (GGUF Q4_1's form), the decode step's matmuls, at memory speed;
 - `gguf_linear`, `gguf_pack_q4_1`, `gguf_pack_q8_0` and `q8_quantize_blocks`
   (csrc/gguf_linear.cpp): activations rounded to int8 per block of 32 times a GGUF file's own
   Q4_1 / Q8_0 blocks (VNNI), at any number of rows: the default's matmuls;
@@ -17,13 +15,14 @@
   (bfloat16, AVX-512 BF16);
 - `silu_mul` (csrc/silu_mul.cpp): SiLU(gate) * up of the fused gate/up projection's output,
   one pass and one rounding (bfloat16 models);
-- `decode_layer` (csrc/decode_layer.cpp): a whole decoder layer for a decode step of a few
-  sequences on the kernels above, called directly instead of ~30 Python-side calls;
+- `decode_layer` (csrc/decode_layer.cpp): a whole decoder layer for a decode step on the
+  kernels above (its matmuls on gguf_linear), called directly instead of ~30 Python-side calls;
 - `argmax_rows` (csrc/argmax.cpp): torch.argmax(dim=-1) of float32 logits, rows on every
   thread (the sampler's greedy pick and Gumbel-max draw);
-- `int8_quantize_rows`, `int8_linear` and `int8_pack` (csrc/int8_linear.cpp): bfloat16 rows
-  quantized to int8 on the fly times int8 weights with a scale per output row
-  (`quantization="int8"`).
+- `vectorized(name)`: whether a kernel runs its vector path on this build (the CPU feature
+  macros of csrc/kernels.h).
+
+Which of them a process runs is decided once, in `plan.py`.
 
 The source is compiled with the machine's C++ compiler against the installed torch's headers
 (`-march=native`: the CPU's own vector instructions) into `~/.cache/rillm/kernels/`, named by a
@@ -54,8 +53,7 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(_CSRC / name for name in ("paged_attention.cpp", "rotary_cache.cpp",
-                                          "rms_norm.cpp", "q4_linear.cpp", "decode_layer.cpp",
-                                          "argmax.cpp", "int8_linear.cpp",
+                                          "rms_norm.cpp", "decode_layer.cpp", "argmax.cpp",
                                           "gguf_linear.cpp", "silu_mul.cpp",
                                           "prefill_attention.cpp"))
 HEADERS = (_CSRC / "kernels.h",)
@@ -100,10 +98,10 @@ def load_cpu_kernels(cache_dir: Path | None = None) -> bool:
 
 
 def kernel_vectorized(name: str) -> bool:
-    """`torch.ops.rillm.<name>_vectorized()`: the kernel is loaded and was built with its
-    vector path for this CPU. False where the kernels are not loaded."""
+    """The kernel `name` (decode_attention, prefill_attention, gguf_linear, argmax) is loaded
+    and was built with its vector path for this CPU. False where the kernels are not loaded."""
     try:
-        return bool(getattr(torch.ops.rillm, f"{name}_vectorized")())
+        return bool(torch.ops.rillm.vectorized(name))
     except (AttributeError, RuntimeError):
         return False
 

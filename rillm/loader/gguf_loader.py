@@ -9,14 +9,14 @@ import gguf
 import numpy as np
 import torch
 
+from rillm.arch_config import ModelArchConfig
 from rillm.loader.errors import ModelLoadError
+from rillm.loader.gguf_blocks import SUPPORTED_TYPES, GGUFBlocks, dequantize_blocks
 from rillm.loader.gguf_metadata import GGUFMetadata
 from rillm.loader.gguf_rope import rope_scaling_from_gguf
 from rillm.loader.loaded_model import LoadedModel
 from rillm.loader.tokenizer import chat_template_of, load_gguf_tokenizer
 from rillm.loader.weight_layout import check_weights
-from rillm.model.config import ModelArchConfig
-from rillm.model.int4_linear import SUPPORTED_TYPES, GGUFBlocks, dequantize_blocks
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 """`general.architecture` values we load. Mistral models are written as "llama" by llama.cpp."""
@@ -154,7 +154,7 @@ def _read_weights(
 def _read_blocks(
     config: ModelArchConfig, tensors: dict[str, gguf.ReaderTensor]
 ) -> dict[str, GGUFBlocks]:
-    """The matrices stored in a block format with an int4 form, undequantized."""
+    """The matrices stored in a block format rillm keeps (SUPPORTED_TYPES), undequantized."""
     blocks: dict[str, GGUFBlocks] = {}
     for gguf_name, tensor in tensors.items():
         name = _hf_name(gguf_name)

@@ -6,8 +6,8 @@ import json
 import os
 from typing import Any
 
+from rillm.arch_config import SUPPORTED_ARCHITECTURES, ModelArchConfig
 from rillm.loader.errors import ModelLoadError
-from rillm.model.config import SUPPORTED_ARCHITECTURES, ModelArchConfig
 
 # What transformers assumes when a config leaves these out (identical for all four model types).
 _DEFAULT_RMS_NORM_EPS = 1e-6

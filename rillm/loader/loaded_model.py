@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rillm.model.config import ModelArchConfig
-from rillm.model.int4_linear import GGUFBlocks
+from rillm.arch_config import ModelArchConfig
+from rillm.loader.gguf_blocks import GGUFBlocks
 
 
 @dataclass(frozen=True)
@@ -34,5 +34,5 @@ class LoadedModel:
     path: str
     """The file or directory the model was loaded from."""
     quantized: dict[str, GGUFBlocks] = field(default_factory=dict)
-    """A GGUF file's matrices whose block format has an int4 form (Q4_1, Q8_0), as stored, by
+    """A GGUF file's matrices in a block format rillm multiplies by (Q4_1, Q8_0), as stored, by
     Hugging Face name (rows in Hugging Face order). `weights` holds them dequantized too."""

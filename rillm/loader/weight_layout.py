@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rillm.arch_config import ModelArchConfig
 from rillm.loader.errors import ModelLoadError
-from rillm.model.config import ModelArchConfig
 
 
 def expected_weight_shapes(config: ModelArchConfig) -> dict[str, tuple[int, ...]]:

@@ -121,7 +121,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
 
     @app.get("/v1/models", dependencies=secured)
     async def models() -> dict[str, Any]:
-        max_len = state.engine.engine.max_model_len if state.engine else None
+        max_len = state.engine.max_model_len if state.engine else None
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": int(state.started), "owned_by": "rillm",
              "root": name, "max_model_len": max_len}
@@ -165,13 +165,13 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize", dependencies=secured)
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         engine = state.ready_engine()
         state.check_model(body.model)
-        vocab = engine.engine.model_config.vocab_size
+        vocab = engine.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens)}
@@ -186,7 +186,7 @@ async def _generation(
     engine = state.ready_engine()
     limit = state.config.max_queued_requests
     if limit is not None:
-        waiting = state.num_active - engine.engine.config.max_num_seqs
+        waiting = state.num_active - engine.max_num_seqs
         if waiting >= limit:
             raise APIError(429, f"the server is busy: {max(waiting, 0)} requests are already "
                            "waiting; retry shortly", code="queue_full",

@@ -17,10 +17,11 @@ from rillm.parsers.message import MessageDelta, count_reasoning_tokens, parse_wh
 from rillm.sampling_params import MAX_LOGPROBS
 from rillm.server.chat_output import ChatOutputPlan, plan_chat_output, template_kwargs
 from rillm.server.errors import APIError
-from rillm.server.generation import Generation, error_event, run_until_disconnect, validate
-from rillm.server.params import check_context, sampling_params, structured_outputs
+from rillm.server.generation import Generation, admit, error_event, run_until_disconnect
+from rillm.server.params import sampling_params, structured_outputs
 from rillm.server.protocol import ChatCompletionRequest, ChatMessage, Tool
-from rillm.server.streaming import DONE, KEEPALIVE, logprob_entries
+from rillm.server.sse import DONE, KEEPALIVE
+from rillm.server.streaming import logprob_entries
 
 RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "chat_template", "tools", "documents", "add_generation_prompt",
@@ -33,7 +34,7 @@ def render_chat(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage]
                 add_generation_prompt: bool, chat_template: str | None,
                 tools: Sequence[Tool] | None = None,
                 template_kwargs: dict[str, Any] | None = None) -> str:
-    template = chat_template or state.config.chat_template or engine.engine.chat_template
+    template = chat_template or state.config.chat_template or engine.chat_template
     if not template:
         raise APIError(400, "this model has no chat template; use /v1/completions or start "
                        "the server with --chat-template", param="messages")
@@ -88,13 +89,11 @@ async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatComp
     text = render_chat(state, engine, body.messages, body.add_generation_prompt,
                        body.chat_template, body.tools, kwargs)
     prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
-    max_model_len = engine.engine.max_model_len
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"{param} must be at least 1", param=param)
-    check_context(len(prompt_ids), max_tokens, max_model_len, param)
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}",
                        param="top_logprobs")
@@ -104,10 +103,10 @@ async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatComp
     plan, constraint = plan_chat_output(state.config, body, text, kwargs,
                                         structured_outputs(body))
     params = sampling_params(body, max_tokens, logprobs, constraint)
-    await validate(engine, prompt_ids, params)
-
+    limits = await admit(engine, [prompt_ids], params,
+                         {"prompt": "messages", "max_tokens": param})
     generation = Generation(state, engine, f"chatcmpl-{uuid.uuid4().hex}", body.model
-                            or state.model_name, prompt_ids, params)
+                            or state.model_name, [prompt_ids], params, limits)
     if body.stream:
         interval = body.stream_interval or state.config.stream_interval
         options = body.stream_options

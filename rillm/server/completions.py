@@ -13,10 +13,11 @@ from rillm.engine.async_engine import AsyncEngine
 from rillm.outputs import Logprob, RequestOutput
 from rillm.sampling_params import MAX_LOGPROBS
 from rillm.server.errors import APIError
-from rillm.server.generation import Generation, error_event, run_until_disconnect, validate
-from rillm.server.params import check_context, sampling_params, structured_outputs
+from rillm.server.generation import Generation, admit, error_event, run_until_disconnect
+from rillm.server.params import sampling_params, structured_outputs
 from rillm.server.protocol import CompletionRequest
-from rillm.server.streaming import DONE, KEEPALIVE, token_text
+from rillm.server.sse import DONE, KEEPALIVE
+from rillm.server.streaming import token_text
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for this endpoint."""
@@ -47,17 +48,13 @@ async def create_completion(state: Any, engine: AsyncEngine, body: CompletionReq
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     if max_tokens < 1:
         raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
-    for ids in prompts:
-        if not ids:
-            raise APIError(400, "a prompt is empty", param="prompt")
-        check_context(len(ids), max_tokens, engine.engine.max_model_len)
+    if any(not ids for ids in prompts):
+        raise APIError(400, "a prompt is empty", param="prompt")
     params = sampling_params(body, max_tokens, body.logprobs, structured_outputs(body))
-    for ids in prompts:
-        await validate(engine, ids, params)
-
+    limits = await admit(engine, prompts, params)
     generation = Generation(state, engine, f"cmpl-{uuid.uuid4().hex}",
-                            body.model or state.model_name, prompts, params)
-    echoes = [engine.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
+                            body.model or state.model_name, prompts, params, limits)
+    echoes = [str(engine.tokenizer.decode(ids)) if body.echo else "" for ids in prompts]
     if body.stream:
         options = body.stream_options
         return generation.stream_response(_stream(

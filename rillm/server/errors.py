@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,8 +39,12 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
     @classmethod
-    def from_invalid(cls, exc: InvalidParameterError) -> APIError:
-        return cls(400, str(exc), param=exc.param)
+    def from_invalid(cls, exc: InvalidParameterError,
+                     params: Mapping[str, str] | None = None) -> APIError:
+        """A 400 for the engine's error; `params` renames the engine's parameter names to the
+        request's (chat's `messages` for the prompt, `max_completion_tokens`)."""
+        param = (params or {}).get(exc.param, exc.param)
+        return cls(400, exc.message if exc.code else str(exc), param=param, code=exc.code)
 
 
 def install_error_handlers(app: FastAPI) -> None:

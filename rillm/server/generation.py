@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
 
-from rillm.engine.async_engine import AsyncEngine, merge_outputs
-from rillm.outputs import CompletionOutput, Logprob, RequestOutput
+from rillm.engine.async_engine import AsyncEngine
+from rillm.outputs import CompletionOutput, Logprob, RequestOutput, merge_outputs
 from rillm.sampling_params import InvalidParameterError, SamplingParams
 from rillm.server.errors import APIError
 from rillm.server.protocol import error_body
-from rillm.server.streaming import ChoiceBuffer, EventStreamResponse, engine_events, sse
+from rillm.server.sse import EventStreamResponse, sse
+from rillm.server.streaming import ChoiceBuffer, engine_events
 
 T = TypeVar("T")
 
@@ -40,18 +41,16 @@ class StreamPiece:
 
 class Generation:
     def __init__(self, state: Any, engine: AsyncEngine, response_id: str, model: str,
-                 prompt_ids: Sequence[int] | Sequence[Sequence[int]],
-                 params: SamplingParams) -> None:
+                 prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 max_tokens: Sequence[int]) -> None:
+        """`prompts`, each admitted with its resolved `max_tokens` (`admit`)."""
         self.state = state
         self.engine = engine
         self.response_id = response_id
         self.model = model
         self.created = int(time.time())
-        self.prompts: list[list[int]] = (
-            [list(p) for p in prompt_ids]  # type: ignore[union-attr, arg-type]
-            if prompt_ids and not isinstance(prompt_ids[0], int)
-            else [list(prompt_ids)]  # type: ignore[arg-type]
-        )
+        self.prompts = [list(p) for p in prompts]
+        self.max_tokens = list(max_tokens)
         self.params = params
         self.num_prompt_tokens = sum(len(p) for p in self.prompts)
         self._request_ids = [
@@ -76,7 +75,8 @@ class Generation:
         keepalive = self.state.config.keepalive_interval
         if len(self.prompts) == 1:
             async for output in engine_events(self.engine, self.prompts[0], self.params,
-                                              self._request_ids[0], keepalive):
+                                              self.max_tokens[0], self._request_ids[0],
+                                              keepalive):
                 yield output
             return
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
@@ -104,6 +104,7 @@ class Generation:
     async def _pump(self, index: int, queue: asyncio.Queue) -> None:
         try:
             async for output in engine_events(self.engine, self.prompts[index], self.params,
+                                              self.max_tokens[index],
                                               self._request_ids[index], 3600.0):
                 if output is not None:
                     queue.put_nowait((index, output))
@@ -184,18 +185,15 @@ def _renumber(output: RequestOutput, offset: int) -> RequestOutput:
                          output.prompt, output.num_cached_tokens)
 
 
-async def validate(engine: AsyncEngine, prompt_ids: Sequence[int],
-                   params: SamplingParams) -> None:
-    """The engine's admission checks, before any byte of the response; a 400 naming the
-    parameter. Compiling a structured-outputs grammar can take a moment, so that happens on
-    a worker thread, not on the event loop."""
+async def admit(engine: AsyncEngine, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                names: Mapping[str, str] | None = None) -> list[int]:
+    """The engine's admission checks of every prompt, once, before any byte of the response:
+    each prompt's resolved max_tokens, or a 400 naming the request's parameter (`names`
+    renames the engine's: chat's `messages` for the prompt)."""
     try:
-        if params.structured_outputs is None:
-            engine.engine.validate(prompt_ids, params)
-        else:
-            await asyncio.to_thread(engine.engine.validate, prompt_ids, params)
+        return [await engine.validate(ids, params) for ids in prompts]
     except InvalidParameterError as exc:
-        raise APIError.from_invalid(exc) from None
+        raise APIError.from_invalid(exc, names) from None
 
 
 def error_event(exc: BaseException) -> str:

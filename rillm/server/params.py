@@ -75,26 +75,3 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
         )
     except InvalidParameterError as exc:
         raise APIError.from_invalid(exc) from None
-
-
-def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
-                  max_tokens_param: str = "max_tokens") -> None:
-    """The prompt plus max_tokens must fit the context window."""
-    if num_prompt_tokens >= max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens, but the prompt "
-            f"has {num_prompt_tokens} tokens, leaving no room for a completion.",
-            param="messages" if max_tokens_param == "max_completion_tokens" else "prompt",
-            code="context_length_exceeded",
-        )
-    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
-            f"prompt, {max_tokens} for the completion). Please reduce the prompt or "
-            f"{max_tokens_param}.",
-            param=max_tokens_param,
-            code="context_length_exceeded",
-        )

@@ -1,62 +1,30 @@
-"""Server-Sent Events plumbing shared by the endpoints: the engine's deltas with keep-alive
-ticks, batching by stream_interval, and a response that aborts on client disconnect."""
+"""What the two generation endpoints stream, before framing (sse.py): the engine's deltas with
+keep-alive ticks, batching by stream_interval, logprob entries."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
-
 from rillm.engine.async_engine import AsyncEngine
 from rillm.outputs import CompletionOutput, Logprob, RequestOutput
 from rillm.sampling_params import SamplingParams
-
-KEEPALIVE = ": keep-alive\n\n"
-DONE = "data: [DONE]\n\n"
-
-
-def sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-class EventStreamResponse(StreamingResponse):
-    """A text/event-stream response that stops (and so aborts the request) as soon as the
-    client goes away, even while nothing is being written."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, content: AsyncIterator[str]) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
-
-            async def stream() -> None:
-                await self.stream_response(send)
-                group.cancel_scope.cancel()
-
-            group.start_soon(stream)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
 
 
 async def engine_events(
     engine: AsyncEngine,
     prompt_ids: Sequence[int],
     params: SamplingParams,
+    max_tokens: int,
     request_id: str,
     keepalive_s: float,
 ) -> AsyncIterator[RequestOutput | None]:
     """The request's deltas; None whenever `keepalive_s` pass without one. Validation errors
-    surface on the first iteration. Leaving early aborts the request."""
-    stream = engine.generate(prompt_ids, params, request_id)
+    surface on the first iteration. Leaving early aborts the request. `max_tokens`: what the
+    engine's `validate` resolved for it."""
+    stream = engine.generate(prompt_ids, params, request_id, max_tokens=max_tokens)
     pending: asyncio.Future[RequestOutput] | None = None
     try:
         while True:

@@ -2,7 +2,8 @@
 
 The only place that builds tensors from requests. One flat batch per step: the tokens of all
 scheduled requests back to back, no padding in the linear layers; attention metadata groups
-decodes and prefill chunks separately (see attention.py).
+decodes and prefill chunks separately, and the attention backends build their metadata for them
+(rillm/attention/backends.py).
 """
 
 from __future__ import annotations
@@ -12,16 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from rillm.arch_config import ModelArchConfig
+from rillm.attention import AttentionMetadata, KVCache, PagedAttention, SequenceGroup
 from rillm.core.scheduler import ScheduledRequest
-from rillm.model.config import ModelArchConfig
 from rillm.model.llama import LlamaForCausalLM
 from rillm.outputs import Logprob
-from rillm.worker.attention import (
-    AttentionGroup,
-    AttentionMetadata,
-    KVCache,
-    prefill_attention_available,
-)
 from rillm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, bitmask_words
 
 
@@ -36,18 +32,20 @@ class ModelRunner:
     def __init__(
         self,
         model: LlamaForCausalLM,
+        attention: PagedAttention,
         config: ModelArchConfig,
         num_blocks: int,
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
         threads: int | None = None,
-        cpu_kernels: bool = False,
+        argmax_kernel: bool = False,
     ) -> None:
-        """`threads`: torch threads for the steps, set in the thread that runs them (None:
-        whatever that thread has). `cpu_kernels`: rotary + cache write and decode attention by
-        rillm's C++ kernels (CPU; the caller has loaded them, see rillm/kernels)."""
+        """`attention`: the backends the model was built with. `threads`: torch threads for
+        the steps, set in the thread that runs them (None: whatever that thread has).
+        `argmax_kernel`: the sampler's argmax on rillm's C++ kernel (KernelPlan.argmax)."""
         self.model = model
+        self.attention = attention
         self.config = config
         self.block_size = block_size
         self.device = device
@@ -58,13 +56,8 @@ class ModelRunner:
                     device)
             for _ in range(config.num_hidden_layers)
         ]
-        self.sampler = Sampler(cpu_kernels)
+        self.sampler = Sampler(argmax_kernel)
         self.threads = threads
-        self.cpu_kernels = cpu_kernels
-        # Prompt chunks by rillm's prefill attention kernel: bfloat16 only (float32 keeps
-        # SDPA, the path held to transformers), on a CPU with AVX-512 BF16.
-        self.prefill_kernel = (cpu_kernels and dtype == torch.bfloat16
-                               and config.head_dim in (64, 128) and prefill_attention_available())
 
     @torch.inference_mode()
     def forward(
@@ -141,16 +134,9 @@ class ModelRunner:
         size = self.block_size
         slot_mapping = block_tables[row, positions // size] * size + positions % size
 
-        groups = []
-        for rows in (torch.nonzero(num_new == 1).flatten(), torch.nonzero(num_new > 1).flatten()):
-            if rows.numel():
-                groups.append(
-                    self._group(rows, num_new[rows], starts[rows], offsets[rows], block_tables)
-                )
-        decode_only = len(groups) == 1 and groups[0].token_index.shape[1] == 1
-        metadata = AttentionMetadata(
-            slot_mapping.to(device), tuple(groups), decode_only, self.cpu_kernels
-        )
+        decodes, prefills = (self._group(rows, num_new, starts, offsets, block_tables)
+                             for rows in (num_new == 1, num_new > 1))
+        metadata = self.attention.build(slot_mapping.to(device), decodes, prefills)
         samples = torch.tensor([s.samples for s in scheduled], dtype=torch.bool)
         logits_indices = (ends - 1)[samples]
         return (
@@ -160,59 +146,13 @@ class ModelRunner:
             logits_indices.to(device),
         )
 
-    def _group(
-        self,
-        rows: torch.Tensor,
-        num_new: torch.Tensor,
-        starts: torch.Tensor,
-        offsets: torch.Tensor,
-        block_tables: torch.Tensor,
-    ) -> AttentionGroup:
-        q_len = int(num_new.max())
-        step = torch.arange(q_len)
-        valid = step[None, :] < num_new[:, None]
-        token_index = torch.where(valid, offsets[:, None] + step[None, :], 0)
-        num_blocks = -(-int((starts + num_new).max()) // self.block_size)
-        tables = block_tables[rows, :num_blocks]
-        device = self.device
-        if (q_len == 1 and self.cpu_kernels) or self.prefill_kernel:
-            # A C++ kernel reads the cache by block table: no mask, nothing gathered.
-            prefill = q_len > 1
-            return AttentionGroup(
-                token_index=token_index.to(device),
-                valid=valid.to(device),
-                block_tables=tables.contiguous().to(device),
-                mask=None,
-                slots=None,
-                context_lens=(starts + num_new).to(device),
-                query_offsets=offsets.to(device) if prefill else None,
-                query_lens=num_new.to(device) if prefill else None,
-            )
-        # Padding queries look at key 0 only, so no softmax row is empty.
-        query_pos = torch.where(valid, starts[:, None] + step[None, :], 0)
-        key_pos = torch.arange(num_blocks * self.block_size)
-        mask = (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
-        slots = (tables[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten()
-        mask_bias = None
-        # One decoding sequence: its keys are exactly its first slots, and the fused kernel
-        # needs no mask. Not in float32, the batch-invariant path: there every decode row
-        # takes the same kernel whatever else is in the batch.
-        unmasked = q_len == 1 and len(rows) == 1 and self.dtype != torch.float32
-        if unmasked:
-            slots = slots[: int(starts[0]) + 1]
-        elif q_len == 1:
-            mask_bias = torch.zeros(mask.shape[0], key_pos.shape[0], dtype=self.dtype)
-            mask_bias.masked_fill_(~mask[:, 0, 0], float("-inf"))
-            mask_bias = mask_bias[None, :, None, :].to(self.device)
-        return AttentionGroup(
-            token_index=token_index.to(device),
-            valid=valid.to(device),
-            block_tables=tables.to(device),
-            mask=mask.to(device),
-            slots=slots.to(device),
-            mask_bias=mask_bias,
-            unmasked=unmasked,
-        )
+    @staticmethod
+    def _group(rows: torch.Tensor, num_new: torch.Tensor, starts: torch.Tensor,
+               offsets: torch.Tensor, block_tables: torch.Tensor) -> SequenceGroup | None:
+        """The sequences where `rows` (bool) is set, or None where none is."""
+        if not bool(rows.any()):
+            return None
+        return SequenceGroup(num_new[rows], starts[rows], offsets[rows], block_tables[rows])
 
 
 def _logprobs(result: SamplerOutput, sampling: Sequence[ScheduledRequest]) -> list[Logprob | None]:

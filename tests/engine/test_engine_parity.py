@@ -1,8 +1,8 @@
 """The default model's greedy output against transformers, and batch invariance.
 
 Both are properties of the exact path (`quantization="none"`: the GGUF dequantized to float32).
-The default on a CPU runs the file's int4 blocks instead; its quality is measured by
-perplexity against the exact path (tests/engine/test_int4_default.py, BENCHMARKS.md)."""
+The default on a CPU runs the file's blocks instead; its quality is measured by
+perplexity against the exact path (tests/engine/test_gguf_default.py, BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def reference_tokens(reference, smollm_tokenizer):
 
 
 def test_greedy_tokens_equal_transformers(exact_engine, smollm_tokenizer, reference_tokens):
-    assert exact_engine.runner.cpu_kernels  # the C++ kernels, built on this machine
+    assert exact_engine.kernels.rotary_cache_write  # the C++ kernels, built on this machine
     prompts = {f"q{i}": chat_ids(smollm_tokenizer, q) for i, q in enumerate(QUESTIONS)}
     ours = run(exact_engine, prompts, SamplingParams(temperature=0, max_tokens=64,
                                                        ignore_eos=True))
@@ -54,7 +54,7 @@ def test_the_pytorch_attention_path_also_equals_transformers(make_engine, smollm
     """Without the C++ kernels (no compiler, a GPU, --no-cpu-kernels) the rotary embedding,
     cache write and decode attention run in PyTorch: the same greedy tokens."""
     engine = make_engine(quantization="none", cpu_kernels=False)
-    assert not engine.runner.cpu_kernels
+    assert not engine.kernels.rotary_cache_write
     prompts = {f"q{i}": chat_ids(smollm_tokenizer, q) for i, q in enumerate(QUESTIONS)}
     ours = run(engine, prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     for request_id, expected in reference_tokens.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rillm.worker.attention import KVCache
+from rillm.attention import KVCache
 
 
 def filled_cache(dtype: torch.dtype, kv_heads: int, dim: int, lengths: list[int],

@@ -58,6 +58,6 @@ def test_the_sampler_picks_the_same_tokens_with_the_kernel():
         output_token_ids=[[]] * 12, eos_token_ids=[0], vocab_size=1000,
         device=torch.device("cpu"),
     )
-    ours = Sampler(cpu_kernels=True)(x, batch).token_ids
-    theirs = Sampler(cpu_kernels=False)(x, batch).token_ids
+    ours = Sampler(argmax_kernel=True)(x, batch).token_ids
+    theirs = Sampler(argmax_kernel=False)(x, batch).token_ids
     assert torch.equal(ours, theirs)

@@ -142,5 +142,5 @@ def test_zero_rows_and_bad_input_raise_clearly():
 def test_this_cpu_gets_the_vectorized_kernel():
     # The machines rillm is measured on have AVX-512 VNNI and BF16; elsewhere the int4 path.
     flags = open("/proc/cpuinfo").read()
-    assert torch.ops.rillm.gguf_linear_vectorized() == (
+    assert torch.ops.rillm.vectorized("gguf_linear") == (
         "avx512_vnni" in flags and "avx512_bf16" in flags)

@@ -3,14 +3,12 @@ read from a paged cache in shuffled blocks, and against the SDPA path it replace
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
-from rillm.kernels import load_cpu_kernels
-from rillm.worker.attention import AttentionMetadata, paged_attention, prefill_attention_available
-from rillm.worker.model_runner import ModelRunner
+from rillm.attention import PagedAttention, SequenceGroup
+from rillm.attention.backends import KernelDecode, KernelPrefill, TorchPrefill
+from rillm.kernels import kernel_vectorized, load_cpu_kernels
 from tests.kernels.paged_cache import filled_cache
 
 BLOCK = 16
@@ -19,7 +17,7 @@ BLOCK = 16
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
     assert load_cpu_kernels(), "this machine has a C++ compiler: the kernels must build"
-    assert prefill_attention_available(), "this machine has AVX-512 BF16"
+    assert kernel_vectorized("prefill_attention"), "this machine has AVX-512 BF16"
 
 
 def _case(heads, kv_heads, dim, queries, lengths, block=BLOCK, seed=0, stale=True):
@@ -75,22 +73,20 @@ def test_kernel_equals_exact_causal_attention(heads, kv_heads, dim, block):
 
 
 def test_the_model_path_gives_what_sdpa_gave():
-    # paged_attention with the runner's prefill group: the kernel where it is available, the
-    # gather + masked SDPA path where the runner says it is not; both bf16.
+    # The two prefill backends over the same sequences, each with the metadata it builds:
+    # the kernel, and gather + masked SDPA; both bf16.
     heads, kv_heads, dim = 9, 3, 64
     queries, lengths = [128, 3, 70], [128, 50, 70]
     cache, tables, offsets, qlens, lens, q, _, _ = _case(heads, kv_heads, dim, queries, lengths,
                                                          stale=False)
     starts = lens - qlens
     results = []
-    for kernel in (True, False):
-        runner = types.SimpleNamespace(block_size=BLOCK, device=torch.device("cpu"),
-                                       dtype=torch.bfloat16, cpu_kernels=True,
-                                       prefill_kernel=kernel)
-        group = ModelRunner._group(runner, torch.arange(3), qlens, starts, offsets, tables)
-        assert (group.query_lens is not None) == kernel
-        metadata = AttentionMetadata(torch.zeros(len(q), dtype=torch.long), (group,), False, True)
-        results.append(paged_attention(q.contiguous(), cache, metadata, dim**-0.5))
+    cpu = torch.device("cpu")
+    group = SequenceGroup(qlens, starts, offsets, tables)
+    for prefill in (KernelPrefill(BLOCK, cpu), TorchPrefill(BLOCK, cpu)):
+        attention = PagedAttention(KernelDecode(BLOCK, cpu), prefill)
+        metadata = attention.build(torch.zeros(len(q), dtype=torch.long), None, group)
+        results.append(attention.forward(q.contiguous(), cache, metadata, dim**-0.5))
     torch.testing.assert_close(results[0].float(), results[1].float(), rtol=2e-2, atol=2e-2)
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rillm.attention import KVCache, apply_rotary
 from rillm.kernels import load_cpu_kernels
-from rillm.model.llama import apply_rotary
-from rillm.worker.attention import KVCache
 
 HEADS, KV_HEADS, BLOCK = 9, 3, 16
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rillm.model.llama import PACKED_MODULES, build_model
+from rillm.model.builder import build_model
+from rillm.model.checkpoint import PACKED_MODULES
 
 
 def test_fused_projections_equal_the_separate_matrices(default_loaded):

@@ -14,10 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define RILLM_ARGMAX_AVX512 1
-#endif
+#include "kernels.h"
 
 namespace {
 
@@ -29,7 +26,7 @@ int64_t first_nan(const float* x, int64_t n) {
 
 int64_t argmax_row(const float* x, int64_t n) {
   int64_t i = 0;
-#ifdef RILLM_ARGMAX_AVX512
+#ifdef RILLM_AVX512
   __m512 top = _mm512_set1_ps(-INFINITY);
   __mmask16 nan = 0;
   for (; i + 16 <= n; i += 16) {
@@ -48,7 +45,7 @@ int64_t argmax_row(const float* x, int64_t n) {
   }
   // The first position holding the maximum.
   int64_t k = 0;
-#ifdef RILLM_ARGMAX_AVX512
+#ifdef RILLM_AVX512
   const __m512 wanted = _mm512_set1_ps(best);
   for (; k + 16 <= n; k += 16) {
     const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + k), wanted, _CMP_EQ_OQ);

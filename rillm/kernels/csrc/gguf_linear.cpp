@@ -33,7 +33,7 @@
 //     holds the weight at 4 t + j; then the 16 d as float16.
 //
 // Registered as torch.ops.rillm.gguf_linear, gguf_pack_q4_1, gguf_pack_q8_0,
-// q8_quantize_blocks and gguf_linear_vectorized (see rillm/kernels/__init__.py); decode_layer
+// q8_quantize_blocks (see rillm/kernels/__init__.py); decode_layer
 // calls gguf_linear directly.
 
 #include <ATen/ATen.h>
@@ -49,12 +49,6 @@
 #include <tuple>
 
 #include "kernels.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
-    defined(__AVX512VNNI__)
-#include <immintrin.h>
-#define RILLM_GGUF_AVX512 1
-#endif
 
 namespace {
 
@@ -94,7 +88,7 @@ struct QuantizedRows {
 
 // One row of x, the blocks of row `i` of `out` (the scale is absmax / 127, q =
 // round-half-even(x * (127 / absmax)); a block of zeros has scale 0).
-#ifdef RILLM_GGUF_AVX512
+#ifdef RILLM_AVX512_VNNI
 NO_REASSOCIATION void quantize_row(const uint16_t* x, int64_t k, const QuantizedRows& out,
                                    int64_t i) {
   const int64_t blocks = k / kBlock;
@@ -148,7 +142,7 @@ NO_REASSOCIATION void quantize_row(const uint16_t* x, int64_t k, const Quantized
 }
 #endif
 
-#ifdef RILLM_GGUF_AVX512
+#ifdef RILLM_AVX512_VNNI
 // R rows of x (quantized, starting at row `first`) against one group of 16 outputs, block by
 // block; y points at the group's first output of row `first`.
 template <Format F, int R>
@@ -368,14 +362,6 @@ at::Tensor gguf_pack_q8_0(const at::Tensor& q, const at::Tensor& d) {
   return at::cat({bytes, per_block(d, n, blocks)}, 2).contiguous();
 }
 
-bool gguf_linear_vectorized() {
-#ifdef RILLM_GGUF_AVX512
-  return true;
-#else
-  return false;
-#endif
-}
-
 }  // namespace rillm
 
 TORCH_LIBRARY_FRAGMENT(rillm, m) {
@@ -383,7 +369,6 @@ TORCH_LIBRARY_FRAGMENT(rillm, m) {
   m.def("gguf_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("gguf_pack_q4_1(Tensor q, Tensor d, Tensor m) -> Tensor");
   m.def("gguf_pack_q8_0(Tensor q, Tensor d) -> Tensor");
-  m.def("gguf_linear_vectorized() -> bool", &rillm::gguf_linear_vectorized);
   m.impl("q8_quantize_blocks", c10::DispatchKey::CPU, &rillm::q8_quantize_blocks);
   m.impl("gguf_linear", c10::DispatchKey::CPU, &rillm::gguf_linear);
   m.impl("gguf_pack_q4_1", c10::DispatchKey::CPU, &rillm::gguf_pack_q4_1);

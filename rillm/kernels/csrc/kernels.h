@@ -6,9 +6,27 @@
 
 #include <cstdint>
 #include <cstring>
-#include <optional>
+
+// The CPU features a kernel's vector path is written for; -march=native decides them. One set
+// for every kernel, and one question for Python: torch.ops.rillm.vectorized(name).
+#if defined(__AVX512F__)
+#define RILLM_AVX512 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define RILLM_AVX512_BF16 1
+#endif
+#if defined(RILLM_AVX512_BF16) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define RILLM_AVX512_VNNI 1
+#endif
+#ifdef RILLM_AVX512
+#include <immintrin.h>
+#endif
 
 namespace rillm {
+
+// Whether the kernel `name` (decode_attention, prefill_attention, gguf_linear, argmax) runs
+// its vector path on this build; false for a name it does not know.
+bool vectorized(c10::string_view name);
 
 // A bfloat16 (its bits) as float32: the top half of a float32, so a shift, which vectorizes
 // where c10::BFloat16's conversion may not.
@@ -64,17 +82,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d,
-                     const at::Tensor& mins);
-
 // x [rows, K] bfloat16 times a matrix packed by gguf_pack_q4_1 / gguf_pack_q8_0.
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& packed);
-
-// int8_linear rotates the inputs of a layer whose width is a multiple of this (Int8Weight's
-// rule, rillm/model/int4_linear.py ROTATION: its weights were rotated the same way).
-constexpr int64_t kInt8Rotation = 64;
-
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
-                       bool rotate, const std::optional<at::Tensor>& few_rows_weight);
 
 }  // namespace rillm

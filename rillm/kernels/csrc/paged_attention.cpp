@@ -21,11 +21,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define RILLM_AVX512_BF16 1
-#endif
-
 namespace {
 
 constexpr int kLanes = 16;  // partial sums the compiler keeps in vector registers
@@ -392,10 +387,24 @@ int64_t parallel_threads() {
   return __builtin_popcountll(seen.load());
 }
 
+bool vectorized(c10::string_view name) {
+#ifdef RILLM_AVX512_VNNI
+  if (name == "gguf_linear") return true;
+#endif
+#ifdef RILLM_AVX512_BF16
+  if (name == "decode_attention" || name == "prefill_attention") return true;
+#endif
+#ifdef RILLM_AVX512
+  if (name == "argmax") return true;
+#endif
+  return false;
+}
+
 }  // namespace rillm
 
 TORCH_LIBRARY(rillm, m) {
   m.def("parallel_threads() -> int", &rillm::parallel_threads);
+  m.def("vectorized(str name) -> bool", &rillm::vectorized);
   m.def(
       "paged_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");

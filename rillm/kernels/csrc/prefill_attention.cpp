@@ -28,11 +28,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define RILLM_AVX512_BF16 1
-#endif
-
 namespace {
 
 #ifdef RILLM_AVX512_BF16
@@ -249,21 +244,13 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& key_cache,
 
 namespace rillm {
 
-bool prefill_attention_vectorized() {
-#ifdef RILLM_AVX512_BF16
-  return true;
-#else
-  return false;
-#endif
-}
-
 void paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
                              const at::Tensor& query_offsets, const at::Tensor& query_lens,
                              const at::Tensor& context_lens, int64_t block_size, double scale,
                              at::Tensor out) {
-  TORCH_CHECK(prefill_attention_vectorized(),
-              "paged_prefill_attention needs AVX-512 BF16 (prefill_attention_vectorized())");
+  TORCH_CHECK(vectorized("prefill_attention"),
+              "paged_prefill_attention needs AVX-512 BF16 (rillm::vectorized)");
   TORCH_CHECK(q.device().is_cpu(), "paged_prefill_attention runs on the CPU");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && key_cache.scalar_type() == at::kBFloat16 &&
                   value_cache.scalar_type() == at::kBFloat16 &&
@@ -319,5 +306,4 @@ TORCH_LIBRARY_FRAGMENT(rillm, m) {
       "Tensor block_tables, Tensor query_offsets, Tensor query_lens, Tensor context_lens, "
       "int block_size, float scale, Tensor(a!) out) -> ()");
   m.impl("paged_prefill_attention", c10::DispatchKey::CPU, &rillm::paged_prefill_attention);
-  m.def("prefill_attention_vectorized() -> bool", &rillm::prefill_attention_vectorized);
 }

@@ -12,13 +12,12 @@ order of the prompts, each with the whole text of every choice.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from rillm.config import EngineConfig
-from rillm.engine.async_engine import merge_outputs
 from rillm.engine.llm_engine import LLMEngine
-from rillm.outputs import RequestOutput
+from rillm.outputs import RequestOutput, merge_outputs
 from rillm.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int] | Mapping[str, Any]
@@ -36,21 +35,37 @@ class LLM:
         max_model_len: int | None = None,
         device: str = "cpu",
         seed: int = 0,
+        config: EngineConfig | None = None,
         **engine_options: Any,
     ) -> None:
-        config = EngineConfig(
-            model=model,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            device=device,
-            seed=seed,
-            **engine_options,
-        )
+        """The engine's options as keywords (EngineConfig's fields), or a whole `config`."""
+        if config is None:
+            config = EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len,
+                                  device=device, seed=seed, **engine_options)
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own chat template (None where it has none)."""
+        return self.engine.chat_template
+
+    def stream(self, prompt_token_ids: Sequence[int],
+               sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """One prompt's deltas as the engine makes them; leaving the loop early (or an
+        exception in it, KeyboardInterrupt too) aborts the request. Raises ValueError for a
+        request the model cannot take."""
+        request_id = f"offline-{next(self._ids)}"
+        self.engine.add_request(request_id, list(prompt_token_ids),
+                                sampling_params or SamplingParams())
+        try:
+            while self.engine.has_unfinished_requests():
+                yield from self.engine.step()
+        finally:
+            self.engine.abort_request(request_id)
 
     def generate(
         self,

@@ -1,0 +1,40 @@
+"""build_model: a checkpoint's tensors in, the module tree for its architecture out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from rillm.arch_config import ModelArchConfig
+from rillm.attention import PagedAttention
+from rillm.kernels.plan import TORCH_ONLY, KernelPlan, LinearKernel
+from rillm.loader.gguf_blocks import GGUFBlocks
+from rillm.model.checkpoint import Checkpoint
+from rillm.model.llama import LlamaForCausalLM
+
+
+def build_model(
+    config: ModelArchConfig,
+    weights: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    plan: KernelPlan | None = None,
+    attention: PagedAttention | None = None,
+    quantized: Mapping[str, GGUFBlocks] | None = None,
+) -> LlamaForCausalLM:
+    """The model, every module built from its tensors. `dtype`: the activations' and the dense
+    weights'. `plan`: the kernels to run (PyTorch only by default); with `plan.linear` other
+    than dense, every projection whose matrices are all in `quantized` (a GGUF file's blocks
+    by Hugging Face name) keeps them. `weights` holds every tensor in any case (float, CPU).
+    `attention`: the backends the runner builds metadata with (by default the plan's, for
+    blocks of 16)."""
+    plan = plan or TORCH_ONLY
+    attention = attention or PagedAttention.for_plan(plan, 16, dtype, device)
+    kernel = plan.linear if quantized else LinearKernel.DENSE
+    if config.tie_word_embeddings and "lm_head.weight" in weights:  # the embedding serves
+        weights = {name: t for name, t in weights.items() if name != "lm_head.weight"}
+    checkpoint = Checkpoint(config.architecture, weights, dtype, device, kernel, quantized)
+    model = LlamaForCausalLM(config, checkpoint, plan, attention)
+    checkpoint.finish()
+    return model.eval()
