@@ -21,6 +21,8 @@ class Server:
     api_key: str | None = None
     seen_while_loading: tuple = ()
     """(health status, chat status, chat Retry-After) observed before the model was ready."""
+    log_path: str = ""
+    """Where the process's stdout and stderr go."""
 
     @property
     def v1(self) -> str:
@@ -67,7 +69,7 @@ def start_server(*args: str, api_key: str | None = None, timeout: float = 180.0
             if time.monotonic() > deadline:
                 raise RuntimeError(f"rillm serve not ready after {timeout} s; see {log.name}")
             time.sleep(0.25)
-        yield Server(base_url, process, api_key, seen)
+        yield Server(base_url, process, api_key, seen, log.name)
     finally:
         process.terminate()
         try:

@@ -29,6 +29,8 @@ def serve(engine_config: EngineConfig, config: ServerConfig, started: float) -> 
 
     def ready() -> None:
         progress.stop()
+        if state.engine is not None:
+            print(f"rillm: kernels: {state.engine.kernels.describe()}", flush=True)
         print(f"rillm: serving {config.served_model_names[0]} at "
               f"http://{config.host}:{config.port}/v1 "
               f"(ready in {time.monotonic() - started:.1f} s)", flush=True)

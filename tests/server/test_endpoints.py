@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from rillm import __version__
@@ -33,3 +35,20 @@ def test_health_is_503_and_requests_retry_later_while_the_model_loads(server):
     health, chat, retry_after = server.seen_while_loading
     assert health == 503
     assert chat == 503 and retry_after is not None
+
+
+def test_serve_says_once_which_kernels_it_runs(server):
+    """One line at start-up names the decode / prefill attention, the linear method and the
+    fused paths this process chose (the KernelPlan), before the "serving" line."""
+    deadline = time.monotonic() + 10
+    while True:
+        with open(server.log_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        if any(line.startswith("rillm: serving") for line in lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    kernels = [i for i, line in enumerate(lines) if line.startswith("rillm: kernels: ")]
+    serving = [i for i, line in enumerate(lines) if line.startswith("rillm: serving")]
+    assert len(kernels) == 1 and serving and kernels[0] < serving[0], lines
+    for part in ("decode=", "prefill=", "linear=", "fused-decode="):
+        assert part in lines[kernels[0]]
