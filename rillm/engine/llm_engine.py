@@ -78,6 +78,10 @@ class LLMEngine:
         model = build_model(arch, loaded.weights, self.dtype, device, plan, attention, quantized)
         self.kernels: KernelPlan = replace(plan,
                                            fused_decode=model.model.fused_decode is not None)
+        if plan.fused_decode and not self.kernels.fused_decode:
+            logger.warning("fused decode layers are off: some layer's matrices are not all on "
+                           "gguf_linear (mixed block types?), so decode steps run layer by "
+                           "layer")
         """What this engine runs (logged once, at start-up)."""
         logger.info("rillm: kernels: %s", self.kernels.describe())
 
