@@ -78,11 +78,11 @@ class LLMEngine:
         model = build_model(arch, loaded.weights, self.dtype, device, plan, attention, quantized)
         self.kernels: KernelPlan = replace(plan,
                                            fused_decode=model.model.fused_decode is not None)
+        """What this engine runs (logged once, at start-up)."""
         if plan.fused_decode and not self.kernels.fused_decode:
             logger.warning("fused decode layers are off: some layer's matrices are not all on "
                            "gguf_linear (mixed block types?), so decode steps run layer by "
                            "layer")
-        """What this engine runs (logged once, at start-up)."""
         logger.info("rillm: kernels: %s", self.kernels.describe())
 
         num_blocks = config.num_kv_blocks or self._blocks_for_space(config)

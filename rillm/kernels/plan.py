@@ -8,7 +8,7 @@ the CPU or the loaded kernels anywhere else.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -80,9 +80,7 @@ def resolve_kernels(device: torch.device, dtype: torch.dtype, head_dim: int,
     computes (no q/k norms, no biases)."""
     blocks = LinearKernel.INT4_TORCH if gguf_blocks else LinearKernel.DENSE
     if device.type != "cpu" or not cpu_kernels or not load_cpu_kernels():
-        return KernelPlan(TORCH_ONLY.decode, TORCH_ONLY.prefill, blocks,
-                          rotary_cache_write=False, fused_norm=False, fused_decode=False,
-                          argmax=False)
+        return replace(TORCH_ONLY, linear=blocks)
     low_precision = dtype != torch.float32
     fast_dims = dtype == torch.bfloat16 and head_dim in (64, 128)
     decode = (DecodeAttention.PAGED_AVX512BF16

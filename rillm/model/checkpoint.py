@@ -39,10 +39,7 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor `name` on the device in the model's dtype (a fresh, contiguous copy:
         loaders may hand out views of file buffers that are misaligned for the kernels)."""
-        if name not in self.weights:
-            raise ValueError(f"checkpoint does not match the {self.architecture} "
-                             f"architecture: missing [{name!r}]")
-        self._unused.discard(name)
+        self._take(name)
         return self.weights[name].to(device=self.device, dtype=self.dtype, copy=True).contiguous()
 
     def linear(self, name: str, sources: Sequence[str] | None = None,
@@ -54,8 +51,7 @@ class Checkpoint:
             owner, dot, leaf = name.rpartition(".")
             sources = [f"{owner}{dot}{p}" for p in PACKED_MODULES.get(leaf, (leaf,))]
         for source in sources:
-            if f"{source}.weight" not in self.weights:
-                self.tensor(f"{source}.weight")  # raises: missing
+            self._take(f"{source}.weight")
         biases = [self.weights.get(f"{s}.bias") for s in sources]
         bias = None
         if any(b is not None for b in biases):
@@ -64,12 +60,16 @@ class Checkpoint:
         parts = None
         if self.kernel is not LinearKernel.DENSE and all(b is not None for b in blocks):
             parts = [b for b in blocks if b is not None]
-        for source in sources:
-            self._unused.discard(f"{source}.weight")
         if parts is None and tied is not None:
             return Linear(Dense(tied, bias))
         dense = [self.weights[f"{s}.weight"] for s in sources]
         return make_linear(self.kernel, dense, bias, parts, self.dtype, self.device)
+
+    def _take(self, name: str) -> None:
+        if name not in self.weights:
+            raise ValueError(f"checkpoint does not match the {self.architecture} "
+                             f"architecture: missing [{name!r}]")
+        self._unused.discard(name)
 
     def finish(self) -> None:
         """Every tensor was taken: anything left is a checkpoint of another architecture."""

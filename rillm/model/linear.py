@@ -33,6 +33,7 @@ from rillm.loader.gguf_blocks import BLOCK_SIZE, Q4_1, SUPPORTED_TYPES, GGUFBloc
 class LinearMethod(Protocol):
     name: str
     out_features: int
+    bias: torch.Tensor | None
     fused_weight: torch.Tensor | None
     """What torch.ops.rillm.decode_layer multiplies by (gguf_linear's packed blocks), or None
     where the method is not one it runs."""

@@ -117,15 +117,13 @@ class LlamaDecoderLayer(nn.Module):
         methods = [m.method for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                       mlp.down_proj)]
         norms = (self.input_layernorm, self.post_attention_layernorm)
-        matrices = [getattr(m, "fused_weight", None) for m in methods]
-        if (attn.q_norm is not None or any(getattr(m, "bias", None) is not None for m in methods)
-                or not all(n.fused and n.weight.dtype == torch.bfloat16 for n in norms)
-                or not mlp.fused):
+        qkv, o, gate_up, down = (m.fused_weight for m in methods)
+        if (qkv is None or o is None or gate_up is None or down is None
+                or any(m.bias is not None for m in methods) or attn.q_norm is not None
+                or not mlp.fused
+                or not all(n.fused and n.weight.dtype == torch.bfloat16 for n in norms)):
             return None
-        if any(w is None for w in matrices):
-            return None
-        qkv, o, gate_up, down = matrices
-        return [norms[0].weight, qkv, o, norms[1].weight, gate_up, down]  # type: ignore[list-item]
+        return [norms[0].weight, qkv, o, norms[1].weight, gate_up, down]
 
 
 class LlamaModel(nn.Module):

@@ -49,7 +49,6 @@ class ModelRunner:
         self.config = config
         self.block_size = block_size
         self.device = device
-        self.dtype = dtype
         self.eos_token_ids = config.eos_token_ids
         self.caches = [
             KVCache(num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype,
