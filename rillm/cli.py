@@ -165,7 +165,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         default=True)
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", "gguf"],
                         help="auto (default): gguf on a CPU with --dtype auto; gguf: run a "
-                        "GGUF's Q4_1/Q8_0 blocks as they are; none: dequantize them (the exact, "
+                        "GGUF's blocks (Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K) as they are; none: "
+                        "dequantize them (the exact, "
                         "batch-invariant reference)")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads for the model's steps (default: all cores)")

@@ -43,15 +43,17 @@ class EngineConfig:
     logged at start-up), compiled on first use and cached; where they cannot be built, or
     False, the pure PyTorch path (same results to rounding)."""
     quantization: str = "auto"
-    """What to do with a GGUF file's Q4_1 / Q8_0 matrices: "gguf" keeps the file's blocks and
-    multiplies by them as they are, "none" dequantizes them to `dtype`; "auto" (the default) is
-    "gguf" when dtype is auto and the device the CPU, else "none". With rillm's C++ kernels on
-    a CPU with AVX-512 VNNI, "gguf" runs every matmul on the blocks times the activations
-    rounded to int8 per block of 32 (llama.cpp's arithmetic for these formats); elsewhere
-    PyTorch's int4 kernel up to 4 rows and a bfloat16 copy of the weights packed for oneDNN
-    above. Perplexity within 0.6% of the dequantized float32 model (BENCHMARKS.md). Unlike
-    "none", rounding depends on the kernels' blocking, so a request's greedy tokens can differ
-    alone and in a batch; "none" is the exact, batch-invariant reference path."""
+    """What to do with a GGUF file's quantized matrices (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K,
+    Q6_K; other types are always dequantized): "gguf" keeps the file's blocks and multiplies by
+    them as they are, "none" dequantizes them to `dtype`; "auto" (the default) is "gguf" when
+    dtype is auto and the device the CPU, else "none". With rillm's C++ kernels on a CPU with
+    AVX-512 VNNI, "gguf" runs every matmul on the blocks times the activations rounded to int8
+    per block of 32 (llama.cpp's arithmetic for these formats); elsewhere PyTorch's int4 kernel
+    up to 4 rows and a bfloat16 copy of the weights packed for oneDNN above for Q4_1 / Q8_0,
+    and a dense bfloat16 copy (logged) for the others. Perplexity within 0.6% of the
+    dequantized float32 model (BENCHMARKS.md). Unlike "none", rounding depends on the kernels'
+    blocking, so a request's greedy tokens can differ alone and in a batch; "none" is the
+    exact, batch-invariant reference path."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

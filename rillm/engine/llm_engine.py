@@ -29,6 +29,7 @@ from rillm.engine.detokenizer import IncrementalDetokenizer
 from rillm.engine.grammar import GrammarCompiler
 from rillm.kernels.plan import KernelPlan, resolve_kernels
 from rillm.loader import LoadedModel, load_model
+from rillm.loader.gguf_blocks import SUPPORTED_TYPES
 from rillm.model.builder import build_model
 from rillm.outputs import CompletionOutput, Logprob, RequestOutput
 from rillm.sampling_params import InvalidParameterError, SamplingParams
@@ -67,7 +68,8 @@ class LLMEngine:
         device = torch.device(config.device)
         quantized = loaded.quantized if config.keep_gguf_quantization else {}
         if config.quantization == "gguf" and not quantized:
-            raise ValueError("quantization gguf needs a GGUF file with Q4_1 or Q8_0 matrices; "
+            raise ValueError("quantization gguf needs a GGUF file with matrices in a block format "
+                             f"rillm keeps ({', '.join(SUPPORTED_TYPES)}); "
                              f"{loaded.path} has none")
         self.dtype = config.model_dtype(bool(quantized))
         arch = loaded.config

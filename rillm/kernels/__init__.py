@@ -7,9 +7,10 @@
   to the PyTorch path;
 - `rms_norm` (csrc/rms_norm.cpp): RMSNorm in one op instead of eight, the same roundings but
   the squares summed in another order (used outside float32 only);
-- `gguf_linear`, `gguf_pack_q4_1`, `gguf_pack_q8_0` and `q8_quantize_blocks`
-  (csrc/gguf_linear.cpp): activations rounded to int8 per block of 32 times a GGUF file's own
-  Q4_1 / Q8_0 blocks (VNNI), at any number of rows: the default's matmuls;
+- `gguf_linear`, `q8_quantize_blocks` and `gguf_block_bytes` (csrc/gguf_linear.cpp):
+  activations rounded to int8 per block of 32 times a GGUF file's own blocks (Q4_0, Q4_1,
+  Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; a matrix's parts may mix them) on VNNI, at any number of rows,
+  the layout written by gguf_pack.py: the default's matmuls;
 - `paged_prefill_attention` (csrc/prefill_attention.cpp): prompt chunks' causal attention read
   from the paged cache, each task a tile of 16 queries against only the keys they see
   (bfloat16, AVX-512 BF16);

@@ -1,9 +1,12 @@
-"""Load a llama.cpp GGUF file: metadata to config, tensors dequantized to float32 HF weights."""
+"""Load a llama.cpp GGUF file: metadata to config, matrices as the file's blocks and as float32
+Hugging Face weights dequantized when looked up (a matrix the model keeps as blocks never is)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+from collections.abc import Callable, Iterator, Mapping
 
 import gguf
 import numpy as np
@@ -47,7 +50,8 @@ _ROPE_FREQS = "rope_freqs.weight"
 
 
 def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load a GGUF file of a supported architecture, dequantizing every tensor to float32.
+    """Load a GGUF file of a supported architecture: its block matrices as stored (views of
+    the file's memory map), every tensor as float32 on demand.
 
     Raises ModelLoadError naming the file for a corrupt or truncated file, an unsupported
     architecture or tensor type, or tensors that do not match the metadata.
@@ -62,11 +66,11 @@ def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
         )
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     config = _read_config(meta, arch, tensors)
-    weights = _read_weights(path, config, tensors)
-    check_weights(weights, config, path)
+    quantized = _read_blocks(config, tensors)
+    weights = _read_weights(path, config, tensors, quantized)
+    check_weights(weights.shapes, config, path)
     tokenizer = load_gguf_tokenizer(path)
     chat_template = chat_template_of(tokenizer) or meta.get("tokenizer.chat_template")
-    quantized = _read_blocks(config, tensors)
     return LoadedModel(config, weights, tokenizer, chat_template, path, quantized)
 
 
@@ -134,21 +138,45 @@ def _eos_token_ids(meta: GGUFMetadata) -> tuple[int, ...]:
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """Tensors by name, each made (dequantized) when looked up and not kept: a model built
+    from a GGUF takes every tensor once, and those it keeps as blocks never."""
+
+    def __init__(self, makers: dict[str, Callable[[], torch.Tensor]],
+                 shapes: dict[str, tuple[int, ...]]) -> None:
+        self._makers, self.shapes = makers, shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._makers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+
 def _read_weights(
-    path: str, config: ModelArchConfig, tensors: dict[str, gguf.ReaderTensor]
-) -> dict[str, torch.Tensor]:
-    weights: dict[str, torch.Tensor] = {}
+    path: str, config: ModelArchConfig, tensors: dict[str, gguf.ReaderTensor],
+    blocks: dict[str, GGUFBlocks],
+) -> LazyWeights:
+    makers: dict[str, Callable[[], torch.Tensor]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for gguf_name, tensor in tensors.items():
         if gguf_name == _ROPE_FREQS:
             continue  # already folded into config.rope_scaling
         name = _hf_name(gguf_name)
         if name is None:
             raise ModelLoadError(path, f"unexpected tensor {gguf_name!r} for {config.architecture}")
-        values = _dequantize(path, tensor)
+        shapes[name] = tuple(int(d) for d in reversed(tensor.shape))
+        if name in blocks:  # rows already in Hugging Face order
+            makers[name] = functools.partial(dequantize_blocks, blocks[name])
+            continue
+        values = _dequantize(path, tensor)  # small (norms), or a type rillm does not keep
         if config.architecture == "llama":
             values = _unpermute_rotary(name, values, config)
-        weights[name] = torch.from_numpy(values)
-    return weights
+        makers[name] = functools.partial(torch.from_numpy, values)
+    return LazyWeights(makers, shapes)
 
 
 def _read_blocks(
@@ -158,7 +186,8 @@ def _read_blocks(
     blocks: dict[str, GGUFBlocks] = {}
     for gguf_name, tensor in tensors.items():
         name = _hf_name(gguf_name)
-        if name is None or tensor.tensor_type.name not in SUPPORTED_TYPES:
+        if name is None or tensor.tensor_type.name not in SUPPORTED_TYPES \
+                or len(tensor.shape) != 2:
             continue
         rows, cols = (int(d) for d in reversed(tensor.shape))
         data = np.asarray(tensor.data).reshape(rows, -1)
@@ -181,11 +210,6 @@ def _dequantize(path: str, tensor: gguf.ReaderTensor) -> np.ndarray:
     """The tensor as an owned float32 array in HF layout (`[out, in]` for a matrix)."""
     # GGUF lists dimensions fastest-first, so [in, out] there is [out, in] here.
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    if tensor.tensor_type.name in SUPPORTED_TYPES and len(shape) == 2:
-        rows, cols = shape
-        blocks = GGUFBlocks(tensor.tensor_type.name, np.asarray(tensor.data).reshape(rows, -1),
-                            (rows, cols))
-        return dequantize_blocks(blocks).numpy()
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as exc:

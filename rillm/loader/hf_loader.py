@@ -33,7 +33,7 @@ def load_hf_dir(path: str | os.PathLike[str]) -> LoadedModel:
     if config.tie_word_embeddings:
         # Some checkpoints save the tied head anyway; the contract is that it is absent.
         weights.pop("lm_head.weight", None)
-    check_weights(weights, config, path)
+    check_weights({name: t.shape for name, t in weights.items()}, config, path)
     tokenizer = load_hf_tokenizer(path)
     return LoadedModel(config, weights, tokenizer, chat_template_of(tokenizer), path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,12 +22,13 @@ class LoadedModel:
       if `config.tie_word_embeddings` is False;
     - every tensor is on the CPU, in Hugging Face layout (a Linear weight is `[out, in]`, Q and K
       rows in Hugging Face's rotary order, whatever order the file stored them in);
-    - GGUF weights are dequantized to float32; safetensors weights keep the file's dtype, and the
-      caller converts.
+    - GGUF weights are float32, dequantized each time they are looked up (a matrix kept as
+      blocks is never dequantized); safetensors weights keep the file's dtype, and the caller
+      converts.
     """
 
     config: ModelArchConfig
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]
     tokenizer: PreTrainedTokenizerBase
     """A fast (Rust-backed) tokenizer; it adds BOS only when the checkpoint asks for it."""
     chat_template: str | None
@@ -34,5 +36,5 @@ class LoadedModel:
     path: str
     """The file or directory the model was loaded from."""
     quantized: dict[str, GGUFBlocks] = field(default_factory=dict)
-    """A GGUF file's matrices in a block format rillm multiplies by (Q4_1, Q8_0), as stored, by
-    Hugging Face name (rows in Hugging Face order). `weights` holds them dequantized too."""
+    """A GGUF file's matrices in a block format rillm multiplies by (gguf_blocks.SUPPORTED_TYPES),
+    as stored, by Hugging Face name (rows in Hugging Face order). `weights` dequantizes them."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Mapping, Sequence
 
 from rillm.arch_config import ModelArchConfig
 from rillm.loader.errors import ModelLoadError
@@ -40,21 +40,23 @@ def expected_weight_shapes(config: ModelArchConfig) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def check_weights(weights: dict[str, torch.Tensor], config: ModelArchConfig, path: str) -> None:
-    """Raise ModelLoadError unless `weights` has exactly the names and shapes `config` implies.
+def check_weights(shapes: Mapping[str, Sequence[int]], config: ModelArchConfig,
+                  path: str) -> None:
+    """Raise ModelLoadError unless the weights' `shapes` (by name) are exactly the names and
+    shapes `config` implies.
 
     Checking here, at load time, turns a config/checkpoint mismatch into a message naming the file
     and the tensor, instead of a shape error deep inside the first forward pass.
     """
     expected = expected_weight_shapes(config)
-    missing = sorted(expected.keys() - weights.keys())
+    missing = sorted(expected.keys() - shapes.keys())
     if missing:
         raise ModelLoadError(path, f"missing tensor(s): {_first_few(missing)}")
-    unexpected = sorted(weights.keys() - expected.keys())
+    unexpected = sorted(shapes.keys() - expected.keys())
     if unexpected:
         raise ModelLoadError(path, f"unexpected tensor(s): {_first_few(unexpected)}")
     for name, shape in expected.items():
-        actual = tuple(weights[name].shape)
+        actual = tuple(shapes[name])
         if actual != shape:
             raise ModelLoadError(
                 path, f"tensor {name} has shape {list(actual)}, the config implies {list(shape)}"

@@ -32,9 +32,9 @@ def build_model(
     plan = plan or TORCH_ONLY
     attention = attention or PagedAttention.for_plan(plan, 16, dtype, device)
     kernel = plan.linear if quantized else LinearKernel.DENSE
-    if config.tie_word_embeddings and "lm_head.weight" in weights:  # the embedding serves
-        weights = {name: t for name, t in weights.items() if name != "lm_head.weight"}
     checkpoint = Checkpoint(config.architecture, weights, dtype, device, kernel, quantized)
+    if config.tie_word_embeddings:  # the embedding serves; a saved copy goes unused
+        checkpoint.skip("lm_head.weight")
     model = LlamaForCausalLM(config, checkpoint, plan, attention)
     checkpoint.finish()
     return model.eval()

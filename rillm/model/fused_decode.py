@@ -3,13 +3,14 @@
 At a few sequences a layer's ~30 Python-side calls cost about as much as its kernels; the op
 calls rillm's kernels directly with the same roundings, so the logits are the same bit for bit
 as the layer-by-layer path (tests/engine/test_gguf_default.py). It takes layers whose four
-matmuls are on gguf_linear (`LinearMethod.fused_weight`), bfloat16, with no q/k norms and no
+matmuls are on gguf_linear (`LinearMethod.packed`), bfloat16, with no q/k norms and no
 biases; the model builds it only where every layer is so (`KernelPlan.fused_decode`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -17,12 +18,23 @@ from rillm.attention import AttentionMetadata, KVCache
 from rillm.attention.backends import PagedDecodeMetadata
 
 
+@dataclass(frozen=True)
+class FusedLayerWeights:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    matrices: list[list[torch.Tensor]]
+    """The QKV, output, gate/up and down matrices, each as gguf_linear's packed parts."""
+
+    def op_arguments(self) -> tuple[list[torch.Tensor], list[int]]:
+        """decode_layer's `weights` and `parts`."""
+        flat = [self.input_norm, self.post_norm, *(p for m in self.matrices for p in m)]
+        return flat, [len(m) for m in self.matrices]
+
+
 class FusedDecode:
-    def __init__(self, layers: Sequence[Sequence[torch.Tensor]], scale: float, num_heads: int,
+    def __init__(self, layers: Sequence[FusedLayerWeights], scale: float, num_heads: int,
                  num_kv_heads: int, eps: float) -> None:
-        """`layers`: each layer's [input norm, qkv, o, post-attention norm, gate_up, down]
-        weights, the matrices as gguf_linear's packed blocks."""
-        self.layers = [list(weights) for weights in layers]
+        self.layers = [layer.op_arguments() for layer in layers]
         self.shape = (scale, num_heads, num_kv_heads, eps)
         self._op = torch.ops.rillm.decode_layer.default
 
@@ -32,8 +44,8 @@ class FusedDecode:
         assert metadata.decode_only and isinstance(decode, PagedDecodeMetadata)
         cos, sin = rope
         scale, heads, kv_heads, eps = self.shape
-        for weights, cache in zip(self.layers, caches, strict=True):
-            x = self._op(x, weights, cos, sin, cache.key, cache.value, metadata.slot_mapping,
+        for (weights, parts), cache in zip(self.layers, caches, strict=True):
+            x = self._op(x, weights, parts, cos, sin, cache.key, cache.value, metadata.slot_mapping,
                          decode.block_tables, decode.context_lens, cache.block_size, scale,
                          heads, kv_heads, eps)
         return x

@@ -21,7 +21,7 @@ from rillm.arch_config import ModelArchConfig
 from rillm.attention import Attention, AttentionMetadata, KVCache, PagedAttention
 from rillm.kernels.plan import KernelPlan
 from rillm.model.checkpoint import Checkpoint
-from rillm.model.fused_decode import FusedDecode
+from rillm.model.fused_decode import FusedDecode, FusedLayerWeights
 from rillm.model.rotary import RotaryEmbedding
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -110,28 +110,28 @@ class LlamaDecoderLayer(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), rope, cache, metadata)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def fused_decode_weights(self) -> list[torch.Tensor] | None:
+    def fused_decode_weights(self) -> FusedLayerWeights | None:
         """This layer's weights for FusedDecode, or None where decode_layer does not compute
         what this layer does."""
         attn, mlp = self.self_attn, self.mlp
         methods = [m.method for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                       mlp.down_proj)]
         norms = (self.input_layernorm, self.post_attention_layernorm)
-        qkv, o, gate_up, down = (m.fused_weight for m in methods)
-        if (qkv is None or o is None or gate_up is None or down is None
+        matrices = [m.packed for m in methods]
+        if (any(m is None for m in matrices)
                 or any(m.bias is not None for m in methods) or attn.q_norm is not None
                 or not mlp.fused
                 or not all(n.fused and n.weight.dtype == torch.bfloat16 for n in norms)):
             return None
-        return [norms[0].weight, qkv, o, norms[1].weight, gate_up, down]
+        return FusedLayerWeights(norms[0].weight, norms[1].weight,
+                                 [m for m in matrices if m is not None])
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelArchConfig, checkpoint: Checkpoint, plan: KernelPlan,
                  attention: PagedAttention) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding.from_pretrained(
-            checkpoint.tensor("model.embed_tokens.weight"), freeze=True)
+        self.embed_tokens = checkpoint.embedding("model.embed_tokens.weight")
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, f"model.layers.{i}", checkpoint, plan, attention)
             for i in range(config.num_hidden_layers)
@@ -160,8 +160,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, checkpoint, plan, attention)
         if config.tie_word_embeddings:
+            embed = self.model.embed_tokens
+            tied = embed.weight if isinstance(embed, nn.Embedding) else None
             self.lm_head = checkpoint.linear("lm_head", sources=["model.embed_tokens"],
-                                             tied=self.model.embed_tokens.weight)
+                                             tied=tied)
         else:
             self.lm_head = checkpoint.linear("lm_head")
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from tests.loader import kquants
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _MERGES = ["Ġ t", "h e", "Ġt he"]
 TOKENS = SPECIAL_TOKENS + list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe"]
@@ -68,8 +70,11 @@ def write_tiny_gguf(
     metadata: dict[str, object] | None = None,
     extra_tensors: dict[str, np.ndarray] | None = None,
     raw_tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None,
+    qtypes: dict[str, gguf.GGMLQuantizationType] | None = None,
 ) -> Path:
-    """Write `state_dict` (HF names) as a GGUF of `arch`, matrices stored as `qtype`.
+    """Write `state_dict` (HF names) as a GGUF of `arch`, matrices stored as `qtype`, or as
+    `qtypes[suffix]` for a name ending in that suffix (a K-quant mix: tests/loader/kquants.py
+    writes the K-quants).
 
     `extra_tensors` are written as they are under their GGUF names; `raw_tensors` are bytes
     already encoded in the given type.
@@ -109,9 +114,12 @@ def write_tiny_gguf(
             values = llama_cpp_permute(values, hf_config.num_attention_heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
             values = llama_cpp_permute(values, hf_config.num_key_value_heads)
-        if values.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            stored = gguf.quants.quantize(values, qtype)
-            writer.add_tensor(gguf_name(name), stored, raw_shape=stored.shape, raw_dtype=qtype)
+        stored_type = next((t for suffix, t in (qtypes or {}).items() if name.endswith(suffix)),
+                           qtype)
+        if values.ndim == 2 and stored_type != gguf.GGMLQuantizationType.F32:
+            stored = kquants.quantize(values, stored_type)
+            writer.add_tensor(gguf_name(name), stored, raw_shape=stored.shape,
+                              raw_dtype=stored_type)
         else:
             writer.add_tensor(gguf_name(name), np.ascontiguousarray(values))
     for name, values in (extra_tensors or {}).items():

@@ -11,6 +11,7 @@ import torch
 from rillm.kernels import kernel_vectorized, load_cpu_kernels
 from rillm.kernels.plan import LinearKernel, resolve_kernels
 from rillm.model.builder import build_model
+from rillm.model.embedding import BlockEmbedding
 from rillm.model.linear import (
     MAX_INT4_ROWS,
     BFloat16Weight,
@@ -35,7 +36,7 @@ def kernels():
 
 
 def method_of(kind: LinearKernel, blocks, dense) -> Linear:
-    return make_linear(kind, [dense], None, blocks, torch.bfloat16, CPU)
+    return make_linear(kind, lambda: dense, None, blocks, torch.bfloat16, CPU)
 
 
 KINDS = [pytest.param(LinearKernel.GGUF_VNNI, id="gguf"),
@@ -105,18 +106,26 @@ def test_a_fused_projection_equals_its_parts(default_loaded, kind):
     blocks = [default_loaded.quantized[n] for n in parts]
     dense = [default_loaded.weights[n] for n in parts]
     x = torch.randn(3, 576, generator=torch.Generator().manual_seed(1))
-    fused = make_linear(kind, dense, None, blocks, torch.bfloat16, CPU)(x)
+    fused = make_linear(kind, lambda: torch.cat(dense), None, blocks, torch.bfloat16, CPU)(x)
     separate = torch.cat([method_of(kind, [b], d)(x) for b, d in zip(blocks, dense, strict=True)],
                          -1)
     assert torch.equal(fused, separate)
 
 
-def test_blocks_gguf_linear_cannot_take_fall_back_to_the_int4_method(default_loaded):
-    """Parts of different types (a K-quant mix's fused QKV) are not one gguf_linear matrix."""
-    q = default_loaded.quantized["model.layers.0.self_attn.q_proj.weight"]
+def test_blocks_no_kernel_takes_run_dense_and_say_so(default_loaded, caplog):
+    """Parts of different types (a K-quant mix's fused QKV) are one gguf_linear matrix; on
+    PyTorch's int4 kernel (Q4_1 / Q8_0 only) they fall back to one dense copy, logged."""
+    q = default_loaded.quantized["model.layers.0.self_attn.q_proj.weight"]  # Q4_1
     embed = default_loaded.quantized["model.embed_tokens.weight"]  # Q8_0
-    assert not GGUFBlocksMethod.takes([q, embed])
-    assert GGUFBlocksMethod.takes([q])
+    assert GGUFBlocksMethod.takes([q, embed])
+    odd = type(q)(q.type_name, q.data[:8], (8, q.shape[1]))
+    assert not GGUFBlocksMethod.takes([odd])  # outputs not a multiple of 16
+    k6 = type(q)("Q6_K", np.zeros((16, 210 * 3), np.uint8), (16, 768))
+    with caplog.at_level("WARNING", logger="rillm.model.linear"):
+        linear = make_linear(LinearKernel.INT4_TORCH, lambda: torch.zeros(16, 768), None, [k6],
+                             torch.bfloat16, CPU)
+    assert isinstance(linear.method, Dense)
+    assert "Q6_K blocks" in caplog.text and "dense copy" in caplog.text
 
 
 @pytest.mark.parametrize("cpu_kernels", [False, True])
@@ -132,12 +141,18 @@ def test_a_quantized_model_keeps_every_matrix_as_blocks(default_loaded, cpu_kern
                 else Int4Method)
     assert {type(m.method) for m in linears.values()} == {expected}
     assert (model.model.fused_decode is not None) == (expected is GGUFBlocksMethod)
-    embed = model.model.embed_tokens.weight
-    assert embed.dtype == torch.bfloat16
-    np.testing.assert_array_equal(
-        embed[:4].detach().float().numpy(),
-        default_loaded.weights["model.embed_tokens.weight"][:4].bfloat16().float().numpy(),
-    )
+    # The embedding is the file's blocks too, its rows the dense table's bit for bit.
+    embed = model.model.embed_tokens
+    assert isinstance(embed, BlockEmbedding)
+    if expected is GGUFBlocksMethod:  # tied: one packed copy for the lookup and the lm_head
+        assert embed.packed is model.lm_head.method.packed[0]
+    ids = torch.tensor([[0, 5, 49151], [17, 17, 3]])
+    rows = embed(ids)
+    assert rows.dtype == torch.bfloat16 and rows.shape == (2, 3, config.hidden_size)
+    table = default_loaded.weights["model.embed_tokens.weight"]
+    assert torch.equal(rows, table[ids].bfloat16())
+    with pytest.raises(IndexError):
+        embed(torch.tensor([49152]))
 
 
 def test_a_dense_tied_lm_head_shares_the_embedding(default_loaded):

@@ -20,29 +20,18 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels.h"
 
-namespace {
-
-// Weights of one layer, in the order of the op's `weights` list.
-enum Weight : int64_t {
-  kInputNorm,
-  kQkv,  // packed by gguf_pack_q4_1 / gguf_pack_q8_0
-  kO,
-  kPostNorm,
-  kGateUp,
-  kDown,
-  kNumWeights,
-};
-
-}  // namespace
-
 namespace rillm {
 
-at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::Tensor& cos,
-                        const at::Tensor& sin, const at::Tensor& key_cache,
+// `weights`: the input and post-attention norms, then the packed parts of the QKV, output,
+// gate/up and down matrices, `parts[i]` of matrix i (a Q4_K_M file mixes formats in one
+// fused matrix: each part keeps its own).
+at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, at::IntArrayRef parts,
+                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& key_cache,
                         const at::Tensor& value_cache, const at::Tensor& slot_mapping,
                         const at::Tensor& block_tables, const at::Tensor& context_lens,
                         int64_t block_size, double scale, int64_t num_heads,
@@ -50,12 +39,24 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::T
   TORCH_CHECK(x.device().is_cpu(), "decode_layer runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
               "x must be contiguous bfloat16 [tokens, hidden]");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kNumWeights, "decode_layer takes ",
-              kNumWeights, " weights, got ", weights.size());
+  TORCH_CHECK(parts.size() == 4 && std::all_of(parts.begin(), parts.end(),
+                                               [](int64_t p) { return p > 0; }),
+              "decode_layer takes the parts of 4 matrices");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) ==
+                  2 + parts[0] + parts[1] + parts[2] + parts[3],
+              "decode_layer takes 2 norms and the matrices' parts, got ", weights.size(),
+              " tensors");
   const int64_t tokens = x.size(0), head_dim = cos.size(1);
-  const auto& w = weights;
-  const auto normed = rms_norm(x, w[kInputNorm], eps);
-  const auto qkv = gguf_linear(normed, w[kQkv])
+  const auto& input_norm = weights[0];
+  const auto& post_norm = weights[1];
+  at::TensorList matrices[4];
+  int64_t at = 2;
+  for (int i = 0; i < 4; ++i) {
+    matrices[i] = weights.slice(at, parts[i]);
+    at += parts[i];
+  }
+  const auto normed = rms_norm(x, input_norm, eps);
+  const auto qkv = gguf_linear(normed, matrices[0])
                        .view({tokens, num_heads + 2 * num_kv_heads, head_dim});
   const auto q = rotary_cache_write(qkv.narrow(1, 0, num_heads),
                                     qkv.narrow(1, num_heads, num_kv_heads),
@@ -63,18 +64,17 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, const at::T
                                     sin, key_cache, value_cache, slot_mapping);
   const auto attention = paged_decode_attention(q, key_cache, value_cache, block_tables,
                                                 context_lens, block_size, scale);
-  const auto h = at::add(x, gguf_linear(attention, w[kO]));
-  const auto gate_up =
-      gguf_linear(rms_norm(h, w[kPostNorm], eps), w[kGateUp]);
-  return at::add(h, gguf_linear(silu_mul(gate_up), w[kDown]));
+  const auto h = at::add(x, gguf_linear(attention, matrices[1]));
+  const auto gate_up = gguf_linear(rms_norm(h, post_norm, eps), matrices[2]);
+  return at::add(h, gguf_linear(silu_mul(gate_up), matrices[3]));
 }
 
 }  // namespace rillm
 
 TORCH_LIBRARY_FRAGMENT(rillm, m) {
   m.def(
-      "decode_layer(Tensor x, Tensor[] weights, Tensor cos, Tensor sin, Tensor(a!) key_cache, "
-      "Tensor(b!) value_cache, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, "
+      "decode_layer(Tensor x, Tensor[] weights, int[] parts, Tensor cos, Tensor sin, "
+      "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, "
       "int block_size, float scale, int num_heads, int num_kv_heads, float eps) "
       "-> Tensor");
   m.impl("decode_layer", c10::DispatchKey::CPU, &rillm::decode_layer);

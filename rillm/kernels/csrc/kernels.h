@@ -82,7 +82,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
-// x [rows, K] bfloat16 times a matrix packed by gguf_pack_q4_1 / gguf_pack_q8_0.
-at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& packed);
+// x [rows, K] bfloat16 times a matrix of GGUF blocks packed by rillm.kernels.gguf_pack, in
+// parts (of any formats) whose outputs are concatenated.
+at::Tensor gguf_linear(const at::Tensor& x, at::TensorList packed);
 
 }  // namespace rillm
