@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
 @dataclass(frozen=True)
@@ -30,5 +30,33 @@ class ModelArchConfig:
     qk_norm: bool = False
     """RMSNorm on each head of Q and K before RoPE (Qwen3)."""
     sliding_window: int | None = None
+    """Keys a query of a windowed layer sees, its own included (None: no window)."""
+    layer_types: tuple[str, ...] | None = None
+    """Per layer "sliding_attention" or "full_attention" (Gemma 3's local and global layers);
+    None: every layer is windowed if `sliding_window` is set (Mistral), none otherwise."""
+    rope_local_theta: float | None = None
+    """The RoPE base of the windowed layers where it differs from `rope_theta` (Gemma 3: 10k,
+    without `rope_scaling`)."""
+    query_pre_attn_scalar: float | None = None
+    """Attention scores are scaled by its inverse square root (Gemma); None: head_dim's."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def windowed(self, layer: int) -> bool:
+        """Whether layer `layer` attends within `sliding_window` only."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+
+GEMMA3_GLOBAL_EVERY = 6
+"""Gemma 3: every sixth layer is global (full attention), the rest local (windowed)."""
+
+
+def gemma3_layer_types(num_layers: int) -> tuple[str, ...]:
+    return tuple("full_attention" if (i + 1) % GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention"
+                 for i in range(num_layers))

@@ -15,13 +15,17 @@ and prefill chunks (many). `PagedAttention` runs one decode backend and one pref
 - `TorchPrefill`: gather + `scaled_dot_product_attention` with a causal mask: the float32 path
   held to transformers, and CUDA.
 
+Sliding windows (Gemma's local layers, Mistral): a layer with `windowed=True` lets each query
+see only the last `window` keys, the position's own included (key > query - window), in every
+backend: the kernels take the window, the PyTorch paths a second mask built once per step.
+
 Grouped-query attention folds the query heads of a KV head into the query length, so K and V
 are never repeated. The cache is head-major, so a gather is already `[kv_heads, B, keys, D]`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +67,8 @@ class GatherDecodeMetadata:
     """[1, B, 1, L] additive 0 / -inf in the model's dtype (empty where `single`)."""
     single: bool
     """One sequence, `slots` exactly its keys: nothing to mask."""
+    local: GatherDecodeMetadata | None = None
+    """The same for layers with a sliding window (None: the model has none)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ class GatherPrefillMetadata:
     slots: torch.Tensor
     mask: torch.Tensor
     """[B, 1, Q, L] bool, True where a query may attend a key."""
+    local_mask: torch.Tensor | None = None
+    """The same within the sliding window (None: the model has none)."""
 
 
 DecodeMetadata = PagedDecodeMetadata | GatherDecodeMetadata
@@ -106,8 +114,8 @@ class AttentionMetadata:
 class KernelDecode:
     name = "paged"
 
-    def __init__(self, block_size: int, device: torch.device) -> None:
-        self.block_size, self.device = block_size, device
+    def __init__(self, block_size: int, device: torch.device, window: int | None = None) -> None:
+        self.block_size, self.device, self.window = block_size, device, window or 0
 
     def build(self, group: SequenceGroup) -> PagedDecodeMetadata:
         blocks = _blocks_needed(group, self.block_size)
@@ -118,40 +126,54 @@ class KernelDecode:
         )
 
     def forward(self, q: torch.Tensor, cache: KVCache, metadata: DecodeMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, windowed: bool = False) -> torch.Tensor:
         """q: [B, H, D], one query per sequence -> [B, H * D]."""
         assert isinstance(metadata, PagedDecodeMetadata)
         return torch.ops.rillm.paged_decode_attention(
             q, cache.key, cache.value, metadata.block_tables, metadata.context_lens,
-            cache.block_size, scale)
+            cache.block_size, scale, self.window if windowed else 0)
 
 
 class TorchDecode:
     name = "torch-gather"
 
-    def __init__(self, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, block_size: int, dtype: torch.dtype, device: torch.device,
+                 window: int | None = None) -> None:
         self.block_size, self.dtype, self.device = block_size, dtype, device
+        self.window = window
 
     def build(self, group: SequenceGroup) -> GatherDecodeMetadata:
+        metadata = self._build(group, None)
+        if self.window is None:
+            return metadata
+        return replace(metadata, local=self._build(group, self.window))
+
+    def _build(self, group: SequenceGroup, window: int | None) -> GatherDecodeMetadata:
         blocks = _blocks_needed(group, self.block_size)
         slots = _slots(group.block_tables[:, :blocks], self.block_size)
-        # One decoding sequence: its keys are exactly its first slots, and the fused kernel
-        # needs no mask. Not in float32, the batch-invariant path: there every decode row
-        # takes the same kernel whatever else is in the batch.
+        # One decoding sequence: its keys are exactly its first slots (the window's last),
+        # and the fused kernel needs no mask. Not in float32, the batch-invariant path: there
+        # every decode row takes the same kernel whatever else is in the batch.
         if len(group.num_new) == 1 and self.dtype != torch.float32:
+            end = int(group.starts[0]) + 1
+            first = max(0, end - window) if window else 0
             return GatherDecodeMetadata(group.offsets.to(self.device),
-                                        slots[: int(group.starts[0]) + 1].to(self.device),
+                                        slots[first:end].to(self.device),
                                         torch.empty(0), single=True)
         key_pos = torch.arange(blocks * self.block_size)
         visible = key_pos[None, :] <= group.starts[:, None]  # [B, L]
+        if window:
+            visible &= key_pos[None, :] > group.starts[:, None] - window
         bias = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
         return GatherDecodeMetadata(group.offsets.to(self.device), slots.to(self.device),
                                     bias[None, :, None, :].to(self.device), single=False)
 
     def forward(self, q: torch.Tensor, cache: KVCache, metadata: DecodeMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, windowed: bool = False) -> torch.Tensor:
         """q: [B, H, D], one query per sequence -> [B, H * D]."""
         assert isinstance(metadata, GatherDecodeMetadata)
+        if windowed and metadata.local is not None:
+            metadata = metadata.local
         batch, num_heads, dim = q.shape
         k, v = cache.gather(metadata.slots, batch)  # [Hkv, B, L, D]
         num_kv_heads = k.shape[0]
@@ -168,8 +190,8 @@ class TorchDecode:
 class KernelPrefill:
     name = "paged"
 
-    def __init__(self, block_size: int, device: torch.device) -> None:
-        self.block_size, self.device = block_size, device
+    def __init__(self, block_size: int, device: torch.device, window: int | None = None) -> None:
+        self.block_size, self.device, self.window = block_size, device, window or 0
 
     def build(self, group: SequenceGroup) -> PagedPrefillMetadata:
         blocks = _blocks_needed(group, self.block_size)
@@ -181,19 +203,20 @@ class KernelPrefill:
         )
 
     def forward(self, q: torch.Tensor, cache: KVCache, metadata: PrefillMetadata, scale: float,
-                out: torch.Tensor) -> None:
+                out: torch.Tensor, windowed: bool = False) -> None:
         """Writes the rows of `out` [T, H * D] of this group's queries (q: the flat batch)."""
         assert isinstance(metadata, PagedPrefillMetadata)
         torch.ops.rillm.paged_prefill_attention(
             q, cache.key, cache.value, metadata.block_tables, metadata.query_offsets,
-            metadata.query_lens, metadata.context_lens, cache.block_size, scale, out)
+            metadata.query_lens, metadata.context_lens, cache.block_size, scale, out,
+            self.window if windowed else 0)
 
 
 class TorchPrefill:
     name = "torch-sdpa"
 
-    def __init__(self, block_size: int, device: torch.device) -> None:
-        self.block_size, self.device = block_size, device
+    def __init__(self, block_size: int, device: torch.device, window: int | None = None) -> None:
+        self.block_size, self.device, self.window = block_size, device, window
 
     def build(self, group: SequenceGroup) -> GatherPrefillMetadata:
         q_len = int(group.num_new.max())
@@ -205,13 +228,17 @@ class TorchPrefill:
         query_pos = torch.where(valid, group.starts[:, None] + step[None, :], 0)
         key_pos = torch.arange(blocks * self.block_size)
         mask = (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
+        local = None
+        if self.window is not None:
+            inside = key_pos[None, None, :] > query_pos[:, :, None] - self.window
+            local = (mask & inside.unsqueeze(1)).to(self.device)
         return GatherPrefillMetadata(
             token_index.to(self.device), valid.to(self.device),
             _slots(group.block_tables[:, :blocks], self.block_size).to(self.device),
-            mask.to(self.device))
+            mask.to(self.device), local)
 
     def forward(self, q: torch.Tensor, cache: KVCache, metadata: PrefillMetadata, scale: float,
-                out: torch.Tensor) -> None:
+                out: torch.Tensor, windowed: bool = False) -> None:
         assert isinstance(metadata, GatherPrefillMetadata)
         _, num_heads, dim = q.shape
         batch, q_len = metadata.token_index.shape
@@ -222,7 +249,10 @@ class TorchPrefill:
         # [B, Hkv, G*Q, D]: the G query heads of one KV head become extra query rows.
         qg = qg.view(batch, q_len, num_kv_heads, group_size, dim).permute(0, 2, 3, 1, 4)
         qg = qg.reshape(batch, num_kv_heads, group_size * q_len, dim)
-        mask = metadata.mask.repeat(1, 1, group_size, 1) if group_size > 1 else metadata.mask
+        mask = metadata.mask
+        if windowed and metadata.local_mask is not None:
+            mask = metadata.local_mask
+        mask = mask.repeat(1, 1, group_size, 1) if group_size > 1 else mask
         og = F.scaled_dot_product_attention(
             qg, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
         og = og.view(batch, num_kv_heads, group_size, q_len, dim).permute(0, 3, 1, 2, 4)
@@ -243,13 +273,15 @@ class PagedAttention:
 
     @classmethod
     def for_plan(cls, plan: KernelPlan, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> PagedAttention:
-        decode: DecodeBackend = (TorchDecode(block_size, dtype, device)
+                 device: torch.device, sliding_window: int | None = None) -> PagedAttention:
+        """`sliding_window`: the keys a windowed layer's query sees (None: no layer is)."""
+        window = sliding_window
+        decode: DecodeBackend = (TorchDecode(block_size, dtype, device, window)
                                  if plan.decode is DecodeAttention.TORCH
-                                 else KernelDecode(block_size, device))
-        prefill: PrefillBackend = (KernelPrefill(block_size, device)
+                                 else KernelDecode(block_size, device, window))
+        prefill: PrefillBackend = (KernelPrefill(block_size, device, window)
                                    if plan.prefill is PrefillAttention.PAGED_AVX512BF16
-                                   else TorchPrefill(block_size, device))
+                                   else TorchPrefill(block_size, device, window))
         return cls(decode, prefill)
 
     def build(self, slot_mapping: torch.Tensor, decodes: SequenceGroup | None,
@@ -262,19 +294,19 @@ class PagedAttention:
         )
 
     def forward(self, q: torch.Tensor, cache: KVCache, metadata: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, windowed: bool = False) -> torch.Tensor:
         """q: [T, num_heads, D] for the flat batch, whose K/V are already in `cache`.
-        Returns [T, num_heads * D]."""
+        Returns [T, num_heads * D]. `windowed`: the layer has the sliding window."""
         if metadata.decode_only:
             assert metadata.decode is not None
-            return self.decode.forward(q, cache, metadata.decode, scale)
+            return self.decode.forward(q, cache, metadata.decode, scale, windowed)
         num_tokens, num_heads, dim = q.shape
         out = q.new_empty(num_tokens, num_heads * dim)
         if metadata.decode is not None:
             rows = metadata.decode.rows
-            out[rows] = self.decode.forward(q[rows], cache, metadata.decode, scale)
+            out[rows] = self.decode.forward(q[rows], cache, metadata.decode, scale, windowed)
         if metadata.prefill is not None:
-            self.prefill.forward(q, cache, metadata.prefill, scale, out)
+            self.prefill.forward(q, cache, metadata.prefill, scale, out, windowed)
         return out
 
 

@@ -15,10 +15,13 @@ class Attention(nn.Module):
     request hit prefix blocks another request computes in the same step), then the step's
     backends over the paged cache."""
 
-    def __init__(self, backend: PagedAttention, scale: float, rotary_cache_write: bool) -> None:
+    def __init__(self, backend: PagedAttention, scale: float, rotary_cache_write: bool,
+                 windowed: bool = False) -> None:
         super().__init__()
         self.backend = backend
         self.scale = scale
+        self.windowed = windowed
+        """Queries see only the backend's sliding window of keys (a local layer)."""
         self.rotary_cache_write = rotary_cache_write
         """rillm's C++ op for the rotation and the write: one op, the same arithmetic."""
 
@@ -33,7 +36,7 @@ class Attention(nn.Module):
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             cache.write(metadata.slot_mapping, k, v)
-        return self.backend.forward(q, cache, metadata, self.scale)
+        return self.backend.forward(q, cache, metadata, self.scale, self.windowed)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

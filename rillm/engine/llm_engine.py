@@ -75,8 +75,10 @@ class LLMEngine:
         arch = loaded.config
         plan = resolve_kernels(device, self.dtype, arch.head_dim, bool(quantized),
                                config.cpu_kernels,
-                               fusable_layers=not (arch.qk_norm or arch.attention_bias))
-        attention = PagedAttention.for_plan(plan, config.block_size, self.dtype, device)
+                               fusable_layers=not (arch.qk_norm or arch.attention_bias
+                                                   or arch.architecture == "gemma3"))
+        attention = PagedAttention.for_plan(plan, config.block_size, self.dtype, device,
+                                            arch.sliding_window)
         model = build_model(arch, loaded.weights, self.dtype, device, plan, attention, quantized)
         self.kernels: KernelPlan = replace(plan,
                                            fused_decode=model.model.fused_decode is not None)

@@ -17,7 +17,7 @@ from rillm.kernels import kernel_vectorized, load_cpu_kernels
 
 class DecodeAttention(enum.Enum):
     PAGED_AVX512BF16 = "paged-avx512bf16"
-    """rillm's paged_decode_attention on its AVX-512 BF16 path (bfloat16, head_dim 64/128)."""
+    """rillm's paged_decode_attention on its AVX-512 BF16 path (bfloat16, head_dim 64/128/256)."""
     PAGED_CPP = "paged-cpp"
     """The same kernel's portable C++ path (float32 arithmetic, any dtype)."""
     TORCH = "torch-gather"
@@ -82,7 +82,7 @@ def resolve_kernels(device: torch.device, dtype: torch.dtype, head_dim: int,
     if device.type != "cpu" or not cpu_kernels or not load_cpu_kernels():
         return replace(TORCH_ONLY, linear=blocks)
     low_precision = dtype != torch.float32
-    fast_dims = dtype == torch.bfloat16 and head_dim in (64, 128)
+    fast_dims = dtype == torch.bfloat16 and head_dim in (64, 128, 256)
     decode = (DecodeAttention.PAGED_AVX512BF16
               if fast_dims and kernel_vectorized("decode_attention")
               else DecodeAttention.PAGED_CPP)

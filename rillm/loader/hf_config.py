@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from rillm.arch_config import SUPPORTED_ARCHITECTURES, ModelArchConfig
+from rillm.arch_config import SUPPORTED_ARCHITECTURES, ModelArchConfig, gemma3_layer_types
 from rillm.loader.errors import ModelLoadError
 
 # What transformers assumes when a config leaves these out (identical for all four model types).
@@ -23,6 +23,11 @@ def read_hf_config(directory: str) -> ModelArchConfig:
     path = os.path.join(directory, "config.json")
     raw = _read_json(path)
     model_type = raw.get("model_type")
+    model_type = _MODEL_TYPES.get(str(model_type), model_type)
+    if raw.get("model_type") == "gemma3":
+        raise ModelLoadError(path, "model_type 'gemma3' is the multimodal Gemma 3 "
+                             "(Gemma3ForConditionalGeneration); rillm serves the text model "
+                             "(Gemma3ForCausalLM, model_type 'gemma3_text')")
     if model_type not in SUPPORTED_ARCHITECTURES:
         supported = ", ".join(SUPPORTED_ARCHITECTURES)
         raise ModelLoadError(
@@ -38,6 +43,8 @@ def read_hf_config(directory: str) -> ModelArchConfig:
 
     hidden = int(required("hidden_size"))
     heads = int(required("num_attention_heads"))
+    if model_type == "gemma3":
+        return _gemma3_config(path, directory, raw, required)
     rope = _rope_parameters(raw)
     eos = _token_ids(raw.get("eos_token_id")) + _token_ids(_generation_eos(directory))
     return ModelArchConfig(
@@ -59,6 +66,59 @@ def read_hf_config(directory: str) -> ModelArchConfig:
         or (model_type != "mistral" and bool(raw.get("attention_bias", False))),
         qk_norm=model_type == "qwen3",
         sliding_window=_sliding_window(path, model_type, raw),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(eos)),
+    )
+
+
+_MODEL_TYPES = {"gemma3_text": "gemma3"}
+"""config.json model_type -> rillm's architecture name, where they differ."""
+
+
+def _gemma3_config(path: str, directory: str, raw: dict[str, Any], required) -> ModelArchConfig:
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if raw.get(key) is not None:
+            raise ModelLoadError(path, f"{key}={raw[key]} is unsupported")
+    activation = raw.get("hidden_activation", "gelu_pytorch_tanh")
+    if activation != "gelu_pytorch_tanh":
+        raise ModelLoadError(path, f"hidden_activation {activation!r} is unsupported")
+    hidden, heads = int(required("hidden_size")), int(required("num_attention_heads"))
+    layers = int(required("num_hidden_layers"))
+    head_dim = int(raw.get("head_dim") or 256)
+    # transformers 5: rope_parameters per layer type; older configs: rope_theta (global),
+    # rope_local_base_freq and rope_scaling.
+    params = raw.get("rope_parameters") or {}
+    full = dict(params.get("full_attention") or raw.get("rope_scaling") or {})
+    local = dict(params.get("sliding_attention") or {})
+    rope_theta = float(full.get("rope_theta", raw.get("rope_theta", 1_000_000.0)))
+    local_theta = float(local.get("rope_theta", raw.get("rope_local_base_freq", 10_000.0)))
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        layer_types = gemma3_layer_types(layers)
+    if len(layer_types) != layers or not set(layer_types) <= {"sliding_attention",
+                                                              "full_attention"}:
+        raise ModelLoadError(path, f"layer_types {layer_types!r} do not match the layers")
+    eos = _token_ids(raw.get("eos_token_id")) + _token_ids(_generation_eos(directory))
+    return ModelArchConfig(
+        architecture="gemma3",
+        vocab_size=int(required("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(required("intermediate_size")),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(raw.get("rms_norm_eps", _DEFAULT_RMS_NORM_EPS)),
+        rope_theta=rope_theta,
+        max_position_embeddings=int(required("max_position_embeddings")),
+        rope_scaling=_rope_scaling(full),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        attention_bias=bool(raw.get("attention_bias", False)),
+        qk_norm=True,
+        sliding_window=int(raw.get("sliding_window") or 4096),
+        layer_types=tuple(layer_types),
+        rope_local_theta=local_theta,
+        query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or head_dim),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(eos)),
     )

@@ -23,6 +23,9 @@ def expected_weight_shapes(config: ModelArchConfig) -> dict[str, tuple[int, ...]
         layer = f"model.layers.{i}"
         shapes[f"{layer}.input_layernorm.weight"] = (hidden,)
         shapes[f"{layer}.post_attention_layernorm.weight"] = (hidden,)
+        if config.architecture == "gemma3":  # norms around the MLP too
+            shapes[f"{layer}.pre_feedforward_layernorm.weight"] = (hidden,)
+            shapes[f"{layer}.post_feedforward_layernorm.weight"] = (hidden,)
         shapes[f"{layer}.self_attn.q_proj.weight"] = (q_out, hidden)
         shapes[f"{layer}.self_attn.k_proj.weight"] = (kv_out, hidden)
         shapes[f"{layer}.self_attn.v_proj.weight"] = (kv_out, hidden)

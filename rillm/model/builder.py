@@ -11,7 +11,10 @@ from rillm.attention import PagedAttention
 from rillm.kernels.plan import TORCH_ONLY, KernelPlan, LinearKernel
 from rillm.loader.gguf_blocks import GGUFBlocks
 from rillm.model.checkpoint import Checkpoint
+from rillm.model.gemma3 import Gemma3ForCausalLM
 from rillm.model.llama import LlamaForCausalLM
+
+CausalLM = LlamaForCausalLM | Gemma3ForCausalLM
 
 
 def build_model(
@@ -22,7 +25,7 @@ def build_model(
     plan: KernelPlan | None = None,
     attention: PagedAttention | None = None,
     quantized: Mapping[str, GGUFBlocks] | None = None,
-) -> LlamaForCausalLM:
+) -> CausalLM:
     """The model, every module built from its tensors. `dtype`: the activations' and the dense
     weights'. `plan`: the kernels to run (PyTorch only by default); with `plan.linear` other
     than dense, every projection whose matrices are all in `quantized` (a GGUF file's blocks
@@ -30,11 +33,13 @@ def build_model(
     `attention`: the backends the runner builds metadata with (by default the plan's, for
     blocks of 16)."""
     plan = plan or TORCH_ONLY
-    attention = attention or PagedAttention.for_plan(plan, 16, dtype, device)
+    attention = attention or PagedAttention.for_plan(plan, 16, dtype, device,
+                                                     config.sliding_window)
     kernel = plan.linear if quantized else LinearKernel.DENSE
     checkpoint = Checkpoint(config.architecture, weights, dtype, device, kernel, quantized)
     if config.tie_word_embeddings:  # the embedding serves; a saved copy goes unused
         checkpoint.skip("lm_head.weight")
-    model = LlamaForCausalLM(config, checkpoint, plan, attention)
+    model_class = Gemma3ForCausalLM if config.architecture == "gemma3" else LlamaForCausalLM
+    model: CausalLM = model_class(config, checkpoint, plan, attention)
     checkpoint.finish()
     return model.eval()

@@ -33,9 +33,10 @@ class FusedLayerWeights:
 
 class FusedDecode:
     def __init__(self, layers: Sequence[FusedLayerWeights], scale: float, num_heads: int,
-                 num_kv_heads: int, eps: float) -> None:
+                 num_kv_heads: int, eps: float, window: int | None = None) -> None:
+        """`window`: every layer's sliding window (None: none has one)."""
         self.layers = [layer.op_arguments() for layer in layers]
-        self.shape = (scale, num_heads, num_kv_heads, eps)
+        self.shape = (scale, num_heads, num_kv_heads, eps, window or 0)
         self._op = torch.ops.rillm.decode_layer.default
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -43,9 +44,9 @@ class FusedDecode:
         decode = metadata.decode
         assert metadata.decode_only and isinstance(decode, PagedDecodeMetadata)
         cos, sin = rope
-        scale, heads, kv_heads, eps = self.shape
+        scale, heads, kv_heads, eps, window = self.shape
         for (weights, parts), cache in zip(self.layers, caches, strict=True):
             x = self._op(x, weights, parts, cos, sin, cache.key, cache.value, metadata.slot_mapping,
                          decode.block_tables, decode.context_lens, cache.block_size, scale,
-                         heads, kv_heads, eps)
+                         heads, kv_heads, eps, window)
         return x

@@ -62,7 +62,9 @@ class LlamaAttention(nn.Module):
             eps, fused = config.rms_norm_eps, plan.fused_norm
             self.q_norm = RMSNorm(checkpoint.tensor(f"{prefix}.q_norm.weight"), eps, fused)
             self.k_norm = RMSNorm(checkpoint.tensor(f"{prefix}.k_norm.weight"), eps, fused)
-        self.attn = Attention(attention, self.head_dim**-0.5, plan.rotary_cache_write)
+        layer = int(prefix.split(".")[2])  # model.layers.{i}.self_attn
+        self.attn = Attention(attention, config.attention_scale, plan.rotary_cache_write,
+                              config.windowed(layer))
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -178,8 +180,10 @@ class LlamaForCausalLM(nn.Module):
 def _fused_decode(layers: nn.ModuleList, config: ModelArchConfig) -> FusedDecode | None:
     weights = [layer.fused_decode_weights() for layer in layers
                if isinstance(layer, LlamaDecoderLayer)]
-    if any(w is None for w in weights):
+    windowed = {config.windowed(i) for i in range(len(layers))}
+    if any(w is None for w in weights) or len(windowed) > 1:  # one window for every layer
         return None
-    return FusedDecode([w for w in weights if w is not None], config.head_dim**-0.5,
+    window = config.sliding_window if windowed == {True} else None
+    return FusedDecode([w for w in weights if w is not None], config.attention_scale,
                        config.num_attention_heads, config.num_key_value_heads,
-                       config.rms_norm_eps)
+                       config.rms_norm_eps, window)

@@ -16,7 +16,7 @@ import torch
 from rillm.arch_config import ModelArchConfig
 from rillm.attention import AttentionMetadata, KVCache, PagedAttention, SequenceGroup
 from rillm.core.scheduler import ScheduledRequest
-from rillm.model.llama import LlamaForCausalLM
+from rillm.model.builder import CausalLM
 from rillm.outputs import Logprob
 from rillm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, bitmask_words
 
@@ -31,7 +31,7 @@ class RunnerOutput:
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         attention: PagedAttention,
         config: ModelArchConfig,
         num_blocks: int,

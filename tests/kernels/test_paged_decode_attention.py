@@ -37,25 +37,29 @@ def _exact(q, k, v, scale):
     return torch.einsum("hl,lhd->hd", scores.softmax(-1), v).flatten()
 
 
-def _kernel(q, cache, block_tables, lengths, scale):
+def _kernel(q, cache, block_tables, lengths, scale, window=0):
     return torch.ops.rillm.paged_decode_attention(q, cache.key, cache.value, block_tables,
-                                                   lengths, BLOCK, scale)
+                                                   lengths, BLOCK, scale, window)
 
 
 @pytest.mark.parametrize(
     ("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
 )
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 128), (6, 2, 80)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"),
+                         [(9, 3, 64), (4, 4, 128), (6, 2, 80), (4, 1, 256)])
+# 0: every key; else a sliding window of that many (Gemma's local layers, Mistral).
+@pytest.mark.parametrize("window", [0, 1, 16, 21])
 def test_kernel_equals_exact_attention_over_each_sequences_keys(dtype, tol, heads, kv_heads,
-                                                                dim):
+                                                                dim, window):
     # Lengths on both sides of block edges, a single key, and one long sequence.
     lengths = [1, 15, 16, 17, 33, 300]
     cache, tables, lens, q, keys, values = _case(dtype, heads, kv_heads, dim, lengths)
     scale = dim**-0.5
-    out = _kernel(q, cache, tables, lens, scale)
+    out = _kernel(q, cache, tables, lens, scale, window)
     assert out.shape == (len(lengths), heads * dim) and out.dtype == dtype
-    for b in range(len(lengths)):
-        expected = _exact(q[b], keys[b], values[b], scale)
+    for b, length in enumerate(lengths):
+        first = max(0, length - window) if window else 0
+        expected = _exact(q[b], keys[b][first:], values[b][first:], scale)
         torch.testing.assert_close(out[b].double(), expected, rtol=tol, atol=tol)
 
 

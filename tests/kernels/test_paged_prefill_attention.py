@@ -34,29 +34,34 @@ def _case(heads, kv_heads, dim, queries, lengths, block=BLOCK, seed=0, stale=Tru
         keys, values
 
 
-def _exact(q, k, v, scale):
+def _exact(q, k, v, scale, window=0):
     """float64 causal attention of the last Q positions q [Q, H, D] over keys/values
-    [L, Hkv, D] -> [Q, H * D]."""
+    [L, Hkv, D] -> [Q, H * D]; with a window, each sees its last `window` keys only."""
     group = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(group, dim=1)
     v = v.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,lhd->hql", q.double(), k) * scale
     length, count = k.shape[0], q.shape[0]
-    seen = torch.arange(length)[None, :] <= torch.arange(length - count, length)[:, None]
+    key, query = torch.arange(length)[None, :], torch.arange(length - count, length)[:, None]
+    seen = key <= query
+    if window:
+        seen &= key > query - window
     scores = scores.masked_fill(~seen, float("-inf"))
     return torch.einsum("hql,lhd->qhd", scores.softmax(-1), v).flatten(1)
 
 
-def _kernel(q, cache, tables, offsets, query_lens, lens, scale, block=BLOCK):
+def _kernel(q, cache, tables, offsets, query_lens, lens, scale, block=BLOCK, window=0):
     out = torch.full((q.shape[0], q.shape[1] * q.shape[2]), float("nan"), dtype=torch.bfloat16)
     torch.ops.rillm.paged_prefill_attention(q, cache.key, cache.value, tables, offsets,
-                                            query_lens, lens, block, scale, out)
+                                            query_lens, lens, block, scale, out, window)
     return out
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 128), (8, 2, 64)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"),
+                         [(9, 3, 64), (4, 4, 128), (8, 2, 64), (4, 1, 256)])
 @pytest.mark.parametrize("block", [16, 8, 32])
-def test_kernel_equals_exact_causal_attention(heads, kv_heads, dim, block):
+@pytest.mark.parametrize("window", [0, 1, 23, 64])
+def test_kernel_equals_exact_causal_attention(heads, kv_heads, dim, block, window):
     # Whole prompts (queries = keys) across tile and block edges, later chunks of a prompt
     # (earlier keys already cached), and a single query.
     queries = [1, 15, 16, 17, 40, 5, 130]
@@ -64,10 +69,10 @@ def test_kernel_equals_exact_causal_attention(heads, kv_heads, dim, block):
     cache, tables, offsets, qlens, lens, q, keys, values = _case(heads, kv_heads, dim, queries,
                                                                  lengths, block)
     scale = dim**-0.5
-    out = _kernel(q, cache, tables, offsets, qlens, lens, scale, block)
+    out = _kernel(q, cache, tables, offsets, qlens, lens, scale, block, window)
     for b in range(len(lengths)):
         rows = slice(int(offsets[b]), int(offsets[b] + qlens[b]))
-        expected = _exact(q[rows], keys[b], values[b], scale)
+        expected = _exact(q[rows], keys[b], values[b], scale, window)
         # bf16 inputs, bf16 probabilities for the value pass, a bf16 result.
         torch.testing.assert_close(out[rows].double(), expected, rtol=2e-2, atol=2e-2)
 

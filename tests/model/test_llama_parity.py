@@ -35,6 +35,16 @@ CASES = {
     ),
     "llama-linear-rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "mistral": ("mistral", {"sliding_window": None}),
+    # Every layer windowed: the prompt (37) and the generation run far past the 8-key window.
+    "mistral-window": ("mistral", {"sliding_window": 8}),
+    # Local layers (window 8) around a global one (layer 5), each with its RoPE base, the
+    # global one linearly scaled; scores scaled by query_pre_attn_scalar, not head_dim.
+    "gemma3": ("gemma3_text", {
+        "num_hidden_layers": 7, "sliding_window": 8, "query_pre_attn_scalar": 24,
+        "tie_word_embeddings": True,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
     "tied": ("llama", {"tie_word_embeddings": True}),

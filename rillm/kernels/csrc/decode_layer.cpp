@@ -35,7 +35,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, at::IntArra
                         const at::Tensor& value_cache, const at::Tensor& slot_mapping,
                         const at::Tensor& block_tables, const at::Tensor& context_lens,
                         int64_t block_size, double scale, int64_t num_heads,
-                        int64_t num_kv_heads, double eps) {
+                        int64_t num_kv_heads, double eps, int64_t window) {
   TORCH_CHECK(x.device().is_cpu(), "decode_layer runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
               "x must be contiguous bfloat16 [tokens, hidden]");
@@ -63,7 +63,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList weights, at::IntArra
                                     qkv.narrow(1, num_heads + num_kv_heads, num_kv_heads), cos,
                                     sin, key_cache, value_cache, slot_mapping);
   const auto attention = paged_decode_attention(q, key_cache, value_cache, block_tables,
-                                                context_lens, block_size, scale);
+                                                context_lens, block_size, scale, window);
   const auto h = at::add(x, gguf_linear(attention, matrices[1]));
   const auto gate_up = gguf_linear(rms_norm(h, post_norm, eps), matrices[2]);
   return at::add(h, gguf_linear(silu_mul(gate_up), matrices[3]));
@@ -75,7 +75,7 @@ TORCH_LIBRARY_FRAGMENT(rillm, m) {
   m.def(
       "decode_layer(Tensor x, Tensor[] weights, int[] parts, Tensor cos, Tensor sin, "
       "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, "
-      "int block_size, float scale, int num_heads, int num_kv_heads, float eps) "
+      "int block_size, float scale, int num_heads, int num_kv_heads, float eps, int window=0) "
       "-> Tensor");
   m.impl("decode_layer", c10::DispatchKey::CPU, &rillm::decode_layer);
 }

@@ -72,7 +72,7 @@ inline void check_block_table(const int64_t* table, int64_t b, int64_t length, i
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
                                   const at::Tensor& value_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, int64_t block_size,
-                                  double scale);
+                                  double scale, int64_t window);
 
 at::Tensor rotary_cache_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& cos, const at::Tensor& sin, at::Tensor key_cache,

@@ -1,6 +1,7 @@
 // Decode attention that reads the paged KV cache in place (CPU).
 //
-// One query token per sequence. The keys and values of sequence b live in the cache slots its
+// One query token per sequence (at position context_lens[b] - 1; with a sliding window of W
+// keys, it sees the last W only). The keys and values of sequence b live in the cache slots its
 // block table names; the torch path copies them out (index_select) into a padded batch before
 // two batched matmuls. Here each (sequence, KV head) task walks its blocks and reads every key
 // and value once, where it lies: no copy, no padding, no mask. Scores and the weighted sum of
@@ -31,6 +32,12 @@ inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
 using rillm::exp_nonpositive;
+
+// The first key a query at position length - 1 sees: 0, or with a sliding window of
+// `window` keys (0: none) the key window - 1 positions back.
+inline int64_t first_key(int64_t length, int64_t window) {
+  return window > 0 ? std::max<int64_t>(0, length - window) : 0;
+}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float lanes[kLanes] = {0.0f};
@@ -78,11 +85,11 @@ class ReadAhead {
  public:
   ReadAhead(const void* keys, const void* values, const int64_t* tables, const int64_t* lens,
             int64_t max_blocks, int64_t num_kv_heads, int64_t num_slots, int64_t block_size,
-            int64_t row_bytes, int64_t task, int64_t end)
+            int64_t row_bytes, int64_t window, int64_t task, int64_t end)
       : keys_(static_cast<const char*>(keys)), values_(static_cast<const char*>(values)),
         tables_(tables), lens_(lens), max_blocks_(max_blocks), num_kv_heads_(num_kv_heads),
         head_bytes_(num_slots * row_bytes), block_size_(block_size), row_bytes_(row_bytes),
-        task_(task), end_(end) {
+        window_(window), task_(task), end_(end) {
     for (int i = 0; i < kAhead; ++i) next();
   }
 
@@ -91,6 +98,7 @@ class ReadAhead {
     if (task_ >= end_) return;
     const int64_t b = task_ / num_kv_heads_, h = task_ % num_kv_heads_;
     const int64_t length = lens_[b], blocks = (length + block_size_ - 1) / block_size_;
+    if (block_ == 0) block_ = first_key(length, window_) / block_size_;
     const char* head = (pass_ == 0 ? keys_ : values_) + h * head_bytes_;
     const char* block = head + tables_[b * max_blocks_ + block_] * block_size_ * row_bytes_;
     const int64_t bytes = std::min(block_size_, length - block_ * block_size_) * row_bytes_;
@@ -111,7 +119,7 @@ class ReadAhead {
   const char* values_;
   const int64_t* tables_;
   const int64_t* lens_;
-  int64_t max_blocks_, num_kv_heads_, head_bytes_, block_size_, row_bytes_, task_, end_;
+  int64_t max_blocks_, num_kv_heads_, head_bytes_, block_size_, row_bytes_, window_, task_, end_;
   int64_t pass_ = 0, block_ = 0;  // 0: keys, 1: values; the block within the pass
 };
 
@@ -132,7 +140,7 @@ template <typename scalar_t>
 void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
                       const at::Tensor& value_cache, const at::Tensor& block_tables,
                       const at::Tensor& context_lens, int64_t block_size, double scale,
-                      at::Tensor& out) {
+                      int64_t window, at::Tensor& out) {
   const int64_t batch = q.size(0), num_heads = q.size(1), dim = q.size(2);
   const int64_t num_kv_heads = key_cache.size(0), num_slots = key_cache.size(1);
   const int64_t group = num_heads / num_kv_heads;
@@ -150,7 +158,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
   at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query(group * dim), acc(group * dim), row(dim), scores;
     ReadAhead ahead(k_data, v_data, tables, lens, max_blocks, num_kv_heads, num_slots,
-                    block_size, row_bytes, begin, end);
+                    block_size, row_bytes, window, begin, end);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
       const int64_t length = lens[b];
@@ -161,29 +169,31 @@ void decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
         const scalar_t* src = q_data + b * q_batch_stride + (h * group + g) * q_head_stride;
         for (int64_t d = 0; d < dim; ++d) query[g * dim + d] = to_float(src[d]) * fscale;
       }
-      scores.resize(group * length);
+      // Keys first..length - 1, score j - first.
+      const int64_t first = first_key(length, window), count = length - first;
+      scores.resize(group * count);
       // Keys block by block: a block's slots are consecutive rows of the cache.
-      for (int64_t start = 0; start < length; start += block_size) {
+      for (int64_t start = first - first % block_size; start < length; start += block_size) {
         const int64_t base = table[start / block_size] * block_size;
         const int64_t rows = std::min(block_size, length - start);
         ahead.next();
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = std::max<int64_t>(0, first - start); r < rows; ++r) {
           load_row(keys + (base + r) * dim, row.data(), dim);
           for (int64_t g = 0; g < group; ++g) {
-            scores[g * length + start + r] = dot(query.data() + g * dim, row.data(), dim);
+            scores[g * count + start + r - first] = dot(query.data() + g * dim, row.data(), dim);
           }
         }
       }
-      softmax_rows(scores.data(), group, length);
+      softmax_rows(scores.data(), group, count);
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t start = 0; start < length; start += block_size) {
+      for (int64_t start = first - first % block_size; start < length; start += block_size) {
         const int64_t base = table[start / block_size] * block_size;
         const int64_t rows = std::min(block_size, length - start);
         ahead.next();
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = std::max<int64_t>(0, first - start); r < rows; ++r) {
           load_row(values + (base + r) * dim, row.data(), dim);
           for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * length + start + r];
+            const float p = scores[g * count + start + r - first];
             float* a = acc.data() + g * dim;
             for (int64_t d = 0; d < dim; ++d) a[d] += p * row[d];
           }
@@ -229,7 +239,7 @@ template <int DIM>
 void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cache,
                                   const at::Tensor& value_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, int64_t block_size,
-                                  double scale, at::Tensor& out) {
+                                  double scale, int64_t window, at::Tensor& out) {
   constexpr int kPairs = DIM / 32;  // 512-bit vectors of bf16 per row
   constexpr int kFloats = DIM / 16;  // 512-bit vectors of float32 per row
   const int64_t batch = q.size(0), num_heads = q.size(1);
@@ -249,7 +259,7 @@ void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cac
     std::vector<uint16_t> query(group * DIM);  // bfloat16 bits
     std::vector<float> scores;
     ReadAhead ahead(k_data, v_data, tables, lens, max_blocks, num_kv_heads, num_slots,
-                    block_size, DIM * 2, begin, end);
+                    block_size, DIM * 2, window, begin, end);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
       const int64_t length = lens[b];
@@ -260,15 +270,18 @@ void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cac
         const uint16_t* src = q_data + b * q_batch_stride + (h * group + g) * q_head_stride;
         std::copy(src, src + DIM, query.data() + g * DIM);
       }
-      scores.resize(group * length);
-      for (int64_t start = 0; start < length; start += block_size) {
+      // Keys first..length - 1, score j - first.
+      const int64_t first = first_key(length, window), count = length - first;
+      const int64_t first_start = first - first % block_size;
+      scores.resize(group * count);
+      for (int64_t start = first_start; start < length; start += block_size) {
         const uint16_t* block = keys + table[start / block_size] * block_size * DIM;
         const int64_t rows = std::min(block_size, length - start);
         ahead.next();
         for (int64_t g = 0; g < group; ++g) {
           const uint16_t* qg = query.data() + g * DIM;
-          float* s = scores.data() + g * length + start;
-          int64_t r = 0;
+          float* s = scores.data() + g * count + start - first;  // s[r]: row r of this block
+          int64_t r = std::max<int64_t>(0, first - start);
           for (; r + 4 <= rows; r += 4) {
             const uint16_t* k = block + r * DIM;
             const __m128 four = sum4(dot_bf16<kPairs>(qg, k), dot_bf16<kPairs>(qg, k + DIM),
@@ -281,21 +294,21 @@ void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cac
           }
         }
       }
-      softmax_rows(scores.data(), group, length);
+      softmax_rows(scores.data(), group, count);
       // Query heads in passes of kHeads, their sums in registers: each value row is widened
       // once a pass, not once a head.
-      constexpr int kHeads = DIM == 64 ? 4 : 2;
+      constexpr int kHeads = DIM == 64 ? 4 : DIM == 128 ? 2 : 1;
       for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
         const int heads = static_cast<int>(std::min<int64_t>(kHeads, group - g0));
         __m512 acc[kHeads][kFloats];
         for (int g = 0; g < kHeads; ++g) {
           for (int c = 0; c < kFloats; ++c) acc[g][c] = _mm512_setzero_ps();
         }
-        for (int64_t start = 0; start < length; start += block_size) {
+        for (int64_t start = first_start; start < length; start += block_size) {
           const uint16_t* block = values + table[start / block_size] * block_size * DIM;
           const int64_t rows = std::min(block_size, length - start);
           if (g0 == 0) ahead.next();
-          for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t r = std::max<int64_t>(0, first - start); r < rows; ++r) {
             __m512 v[kFloats];
             for (int c = 0; c < kFloats; ++c) {
               const __m256i raw = _mm256_loadu_si256(
@@ -304,7 +317,8 @@ void decode_attention_avx512_bf16(const at::Tensor& q, const at::Tensor& key_cac
             }
             for (int g = 0; g < kHeads; ++g) {
               if (g >= heads) break;
-              const __m512 weight = _mm512_set1_ps(scores[(g0 + g) * length + start + r]);
+              const __m512 weight =
+                  _mm512_set1_ps(scores[(g0 + g) * count + start + r - first]);
               for (int c = 0; c < kFloats; ++c) {
                 acc[g][c] = _mm512_fmadd_ps(weight, v[c], acc[g][c]);
               }
@@ -331,8 +345,9 @@ namespace rillm {
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache,
                                   const at::Tensor& value_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, int64_t block_size,
-                                  double scale) {
+                                  double scale, int64_t window) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention runs on the CPU");
+  TORCH_CHECK(window >= 0, "window must be 0 (none) or the keys a query sees");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [batch, heads, head_dim], rows dense");
   TORCH_CHECK(key_cache.dim() == 3 && key_cache.is_contiguous() && value_cache.is_contiguous(),
               "the caches must be contiguous [kv_heads, slots, head_dim]");
@@ -362,10 +377,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   }
   auto out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
 #ifdef RILLM_AVX512_BF16
-  if (q.scalar_type() == at::kBFloat16 && (q.size(2) == 64 || q.size(2) == 128)) {
-    auto kernel = q.size(2) == 64 ? &decode_attention_avx512_bf16<64>
-                                  : &decode_attention_avx512_bf16<128>;
-    kernel(q, key_cache, value_cache, block_tables, context_lens, block_size, scale, out);
+  const int64_t dim = q.size(2);
+  if (q.scalar_type() == at::kBFloat16 && (dim == 64 || dim == 128 || dim == 256)) {
+    auto kernel = dim == 64    ? &decode_attention_avx512_bf16<64>
+                  : dim == 128 ? &decode_attention_avx512_bf16<128>
+                               : &decode_attention_avx512_bf16<256>;
+    kernel(q, key_cache, value_cache, block_tables, context_lens, block_size, scale, window,
+           out);
     return out;
   }
 #endif
@@ -373,7 +391,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
                                   "paged_decode_attention", [&] {
                                     decode_attention<scalar_t>(q, key_cache, value_cache,
                                                                block_tables, context_lens,
-                                                               block_size, scale, out);
+                                                               block_size, scale, window, out);
                                   });
   return out;
 }
@@ -407,6 +425,7 @@ TORCH_LIBRARY(rillm, m) {
   m.def("vectorized(str name) -> bool", &rillm::vectorized);
   m.def(
       "paged_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, "
-      "Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");
+      "Tensor block_tables, Tensor context_lens, int block_size, float scale, int window=0) "
+      "-> Tensor");
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, &rillm::paged_decode_attention);
 }

@@ -2,7 +2,8 @@
 //
 // A step's prompt chunks: sequence b has query_lens[b] new tokens at rows query_offsets[b]...
 // of the flat batch, the last of its context_lens[b] positions, their keys and values already
-// in the cache. Query i (position p) attends keys 0..p. The torch path gathers every sequence's
+// in the cache. Query i (position p) attends keys 0..p (with a sliding window of W keys,
+// p - W + 1..p: the local layers of Gemma, Mistral). The torch path gathers every sequence's
 // keys into a padded batch and runs scaled_dot_product_attention with a mask, computing the
 // masked half of every causal square too. Here a task is one KV head of one sequence for a
 // tile of 16 query positions, its query heads together (the group that shares the KV head):
@@ -38,7 +39,8 @@ constexpr int kScoreRows = 8;  // query rows a score pass keeps in registers
 
 struct Task {
   int64_t seq, head, first, count;  // queries first..first+count-1 of the sequence
-  int64_t keys;                     // keys the last of them sees
+  int64_t lo;                       // the first key the first of them sees
+  int64_t keys;                     // keys lo.. the tile sees (the last query sees lo + keys - 1)
 };
 
 // One task's scratch, reused across the tasks of a thread.
@@ -59,8 +61,8 @@ template <int DIM>
 void run_task(const Task& task, const uint16_t* q_data, int64_t q_row_stride,
               int64_t q_head_stride, const uint16_t* k_head, const uint16_t* v_head,
               const int64_t* table, int64_t block_size, int64_t first_position, int64_t group,
-              float scale, uint16_t* out_data, int64_t out_row_stride, int64_t query_row0,
-              Scratch& s) {
+              int64_t window, float scale, uint16_t* out_data, int64_t out_row_stride,
+              int64_t query_row0, Scratch& s) {
   constexpr int64_t kPairs = DIM / 2;
   const int64_t rows = task.count * group;
   const int64_t chunks = (task.keys + kKeys - 1) / kKeys;
@@ -80,7 +82,7 @@ void run_task(const Task& task, const uint16_t* q_data, int64_t q_row_stride,
       std::memcpy(s.query.data() + (i * group + g) * kPairs, src, DIM * sizeof(uint16_t));
     }
   }
-  // Keys and values, re-laid per chunk of 16 keys; past the last key: zeros (a cache slot
+  // Keys and values lo.., re-laid per chunk of 16 keys; past the last key: zeros (a cache slot
   // there may hold anything, and 0 * NaN is NaN).
   for (int64_t c = 0; c < chunks; ++c) {
     uint32_t* kt = s.keys.data() + c * kPairs * kKeys;
@@ -88,8 +90,9 @@ void run_task(const Task& task, const uint16_t* q_data, int64_t q_row_stride,
     const uint16_t* krow[kKeys];
     const uint16_t* vrow[kKeys];
     for (int64_t j = 0; j < kKeys; ++j) {
-      const int64_t key = c * kKeys + j;
-      if (key < task.keys) {
+      const int64_t index = c * kKeys + j;
+      const int64_t key = task.lo + index;
+      if (index < task.keys) {
         const int64_t slot = table[key / block_size] * block_size + key % block_size;
         krow[j] = k_head + slot * DIM;
         vrow[j] = v_head + slot * DIM;
@@ -109,8 +112,11 @@ void run_task(const Task& task, const uint16_t* q_data, int64_t q_row_stride,
       }
     }
   }
-  // The last key row r sees: its position.
-  auto last_key = [&](int64_t r) { return first_position + task.first + r / group; };
+  // The last key row r sees (its position), and the first (a window's), as indices from lo.
+  auto last_key = [&](int64_t r) { return first_position + task.first + r / group - task.lo; };
+  auto first_seen = [&](int64_t r) {
+    return window > 0 ? std::max<int64_t>(0, last_key(r) + 1 - window) : 0;
+  };
 
   // Scores, kScoreRows rows at a time, only the chunks the group's last row sees.
   const __m512 vscale = _mm512_set1_ps(scale);
@@ -137,15 +143,16 @@ void run_task(const Task& task, const uint16_t* q_data, int64_t q_row_stride,
       }
     }
   }
-  // Softmax of each row over the keys it sees; probabilities as bf16, zero past them.
+  // Softmax of each row over the keys it sees; probabilities as bf16, zero outside them.
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t n = last_key(r) + 1;
+    const int64_t lo = first_seen(r), n = last_key(r) + 1;
     float* sc = s.scores.data() + r * width;
     uint16_t* pr = s.probs.data() + r * width;
     float top = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) top = std::max(top, sc[j]);
+    for (int64_t j = lo; j < n; ++j) top = std::max(top, sc[j]);
     float total = 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
+    std::fill(pr, pr + lo, 0);
+    for (int64_t j = lo; j < n; ++j) {
       const float e = rillm::exp_nonpositive(sc[j] - top);
       total += e;
       pr[j] = c10::BFloat16(e).x;
@@ -155,7 +162,7 @@ void run_task(const Task& task, const uint16_t* q_data, int64_t q_row_stride,
   }
   // Values: each row's float32 sums in registers, key pairs on vdpbf16ps.
   constexpr int kVec = DIM / 16;                   // float32 vectors a row
-  constexpr int kValueRows = DIM == 64 ? 4 : 2;    // rows a pass: 16 accumulators
+  constexpr int kValueRows = DIM == 64 ? 4 : DIM == 128 ? 2 : 1;  // 16 accumulators a pass
   for (int64_t r0 = 0; r0 < rows; r0 += kValueRows) {
     const int n = static_cast<int>(std::min<int64_t>(kValueRows, rows - r0));
     const int64_t seen = last_key(r0 + n - 1) / kKeys + 1;
@@ -192,7 +199,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& key_cache,
                        const at::Tensor& value_cache, const at::Tensor& block_tables,
                        const at::Tensor& query_offsets, const at::Tensor& query_lens,
                        const at::Tensor& context_lens, int64_t block_size, double scale,
-                       at::Tensor& out) {
+                       int64_t window, at::Tensor& out) {
   const int64_t batch = block_tables.size(0), num_heads = q.size(1);
   const int64_t num_kv_heads = key_cache.size(0), num_slots = key_cache.size(1);
   const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
@@ -207,8 +214,11 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& key_cache,
     for (int64_t h = 0; h < num_kv_heads; ++h) {
       for (int64_t first = 0; first < qlens[b]; first += kTile) {
         const int64_t count = std::min(kTile, qlens[b] - first);
-        const int64_t keys = first_position + first + count;
-        tasks.push_back({b, h, first, count, keys});
+        const int64_t end_key = first_position + first + count;  // one past the last seen
+        const int64_t lo =
+            window > 0 ? std::max<int64_t>(0, first_position + first + 1 - window) : 0;
+        const int64_t keys = end_key - lo;
+        tasks.push_back({b, h, first, count, lo, keys});
         cost_before.push_back(cost_before.back() + static_cast<double>(keys) * count);
       }
     }
@@ -232,7 +242,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& key_cache,
       const int64_t b = task.seq;
       run_task<DIM>(task, q_data, q.stride(0), q.stride(1),
                     k_data + task.head * num_slots * DIM, v_data + task.head * num_slots * DIM,
-                    tables + b * max_blocks, block_size, lens[b] - qlens[b], group,
+                    tables + b * max_blocks, block_size, lens[b] - qlens[b], group, window,
                     static_cast<float>(scale), out_data, out.stride(0), offsets[b], scratch);
     }
   });
@@ -248,7 +258,7 @@ void paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& block_tables,
                              const at::Tensor& query_offsets, const at::Tensor& query_lens,
                              const at::Tensor& context_lens, int64_t block_size, double scale,
-                             at::Tensor out) {
+                             at::Tensor out, int64_t window) {
   TORCH_CHECK(vectorized("prefill_attention"),
               "paged_prefill_attention needs AVX-512 BF16 (rillm::vectorized)");
   TORCH_CHECK(q.device().is_cpu(), "paged_prefill_attention runs on the CPU");
@@ -259,7 +269,9 @@ void paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_cache,
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
               "q must be [tokens, heads, head_dim] with each token's heads dense");
   const int64_t dim = q.size(2);
-  TORCH_CHECK(dim == 64 || dim == 128, "paged_prefill_attention takes head_dim 64 or 128");
+  TORCH_CHECK(dim == 64 || dim == 128 || dim == 256,
+              "paged_prefill_attention takes head_dim 64, 128 or 256");
+  TORCH_CHECK(window >= 0, "window must be 0 (none) or the keys a query sees");
   TORCH_CHECK(key_cache.dim() == 3 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
                   key_cache.sizes() == value_cache.sizes() && key_cache.size(2) == dim,
               "the caches must be contiguous [kv_heads, slots, head_dim] like q's heads");
@@ -292,9 +304,11 @@ void paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_cache,
     check_block_table(tables + b * max_blocks, b, lens[b], block_size, num_blocks);
   }
 #ifdef RILLM_AVX512_BF16
-  auto kernel = dim == 64 ? &prefill_attention<64> : &prefill_attention<128>;
+  auto kernel = dim == 64    ? &prefill_attention<64>
+                : dim == 128 ? &prefill_attention<128>
+                             : &prefill_attention<256>;
   kernel(q, key_cache, value_cache, block_tables, query_offsets, query_lens, context_lens,
-         block_size, scale, out);
+         block_size, scale, window, out);
 #endif
 }
 
@@ -304,6 +318,6 @@ TORCH_LIBRARY_FRAGMENT(rillm, m) {
   m.def(
       "paged_prefill_attention(Tensor q, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor query_offsets, Tensor query_lens, Tensor context_lens, "
-      "int block_size, float scale, Tensor(a!) out) -> ()");
+      "int block_size, float scale, Tensor(a!) out, int window=0) -> ()");
   m.impl("paged_prefill_attention", c10::DispatchKey::CPU, &rillm::paged_prefill_attention);
 }
