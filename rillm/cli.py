@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "HTTP API: /v1/chat/completions, /v1/completions, /v1/models.",
     )
     serve.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
-                       help="a GGUF file or Hugging Face directory")
+                       help="a GGUF file, a Hugging Face directory, or an installed model's name "
+                       "(smollm2, gemma3-270m)")
     add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -253,14 +254,15 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from rillm.loader import DEFAULT_MODEL_NAME
+    from rillm.loader import DEFAULT_MODEL_NAME, KNOWN_MODELS
     from rillm.server.config import ServerConfig
 
     started = time.monotonic()
     model = getattr(args, "model_path", None) or args.model
     try:
-        if model is not None and not os.path.exists(model):
-            raise ValueError(f"{model}: model path does not exist")
+        if model is not None and not os.path.exists(model) and model not in KNOWN_MODELS:
+            raise ValueError(f"{model}: model path does not exist (nor the name of an "
+                             f"installed model: {', '.join(KNOWN_MODELS)})")
         config = engine_config(args)
         template = args.chat_template
         if template is not None and os.path.isfile(template):
