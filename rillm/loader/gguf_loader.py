@@ -16,6 +16,7 @@ import torch
 from rillm.arch_config import ModelArchConfig, gemma3_layer_types
 from rillm.loader.errors import ModelLoadError
 from rillm.loader.gguf_blocks import SUPPORTED_TYPES, GGUFBlocks, dequantize_blocks
+from rillm.loader.gguf_file import GGUFFile, GGUFFormatError, GGUFTensor
 from rillm.loader.gguf_metadata import GGUFMetadata
 from rillm.loader.gguf_rope import rope_scaling_from_gguf
 from rillm.loader.loaded_model import LoadedModel
@@ -88,19 +89,17 @@ def load_gguf(path: str | os.PathLike[str]) -> LoadedModel:
     return LoadedModel(config, weights, tokenizer, chat_template, path, quantized)
 
 
-def _open(path: str) -> gguf.GGUFReader:
+def _open(path: str) -> GGUFFile:
     if not os.path.isfile(path):
         raise ModelLoadError(path, "no such file")
-    # GGUFReader reports a bad magic, a short file or garbage offsets as ValueError, IndexError,
-    # struct or numpy errors alike; all of them mean the same thing to the user.
     try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:
+        return GGUFFile(path)
+    except (GGUFFormatError, OSError) as exc:
         raise ModelLoadError(path, f"not a valid GGUF file (corrupt or truncated?): {exc}") from exc
 
 
 def _read_config(
-    meta: GGUFMetadata, arch: str, tensors: dict[str, gguf.ReaderTensor]
+    meta: GGUFMetadata, arch: str, tensors: dict[str, GGUFTensor]
 ) -> ModelArchConfig:
     hidden = meta.require_int(f"{arch}.embedding_length")
     heads = meta.require_int(f"{arch}.attention.head_count")
@@ -170,6 +169,9 @@ class LazyWeights(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._makers[name]()
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._makers  # Mapping's would make the tensor to find out
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._makers)
 
@@ -178,7 +180,7 @@ class LazyWeights(Mapping[str, torch.Tensor]):
 
 
 def _read_weights(
-    path: str, config: ModelArchConfig, tensors: dict[str, gguf.ReaderTensor],
+    path: str, config: ModelArchConfig, tensors: dict[str, GGUFTensor],
     blocks: dict[str, GGUFBlocks],
 ) -> LazyWeights:
     makers: dict[str, Callable[[], torch.Tensor]] = {}
@@ -203,7 +205,7 @@ def _read_weights(
 
 
 def _read_blocks(
-    config: ModelArchConfig, tensors: dict[str, gguf.ReaderTensor]
+    config: ModelArchConfig, tensors: dict[str, GGUFTensor]
 ) -> dict[str, GGUFBlocks]:
     """The matrices stored in a block format rillm keeps (SUPPORTED_TYPES), undequantized."""
     blocks: dict[str, GGUFBlocks] = {}
@@ -230,7 +232,7 @@ def _hf_name(gguf_name: str, arch: str) -> str | None:
     return f"model.layers.{match.group(1)}.{table[match.group(2)]}"
 
 
-def _dequantize(path: str, tensor: gguf.ReaderTensor) -> np.ndarray:
+def _dequantize(path: str, tensor: GGUFTensor) -> np.ndarray:
     """The tensor as an owned float32 array in HF layout (`[out, in]` for a matrix)."""
     # GGUF lists dimensions fastest-first, so [in, out] there is [out, in] here.
     shape = tuple(int(d) for d in reversed(tensor.shape))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import gguf
-
 from rillm.loader.errors import ModelLoadError
+from rillm.loader.gguf_file import GGUFFile
 
 _MISSING = object()
 
@@ -18,16 +17,15 @@ class GGUFMetadata:
     arrays); `require` turns an absent key into a ModelLoadError naming the file and the key.
     """
 
-    def __init__(self, reader: gguf.GGUFReader, path: str) -> None:
+    def __init__(self, reader: GGUFFile, path: str) -> None:
         self._reader = reader
         self.path = path
 
     def __contains__(self, key: str) -> bool:
-        return key in self._reader.fields
+        return key in self._reader
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self._reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self._reader.get(key, default)
 
     def require(self, key: str) -> Any:
         value = self.get(key, _MISSING)
