@@ -27,3 +27,13 @@ def test_bad_arguments_give_one_clear_line_not_a_traceback(tmp_path):
                                 text=True, timeout=300)
         assert result.returncode == 2
         assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ready_in_counts_from_the_process_start():
+    # The serve line's clock starts when the process did, so it includes the interpreter's
+    # start and the imports: here a half-second sleep before the clock is even asked.
+    code = ("import time; time.sleep(0.5); from rillm.cli import process_started; "
+            "print(time.monotonic() - process_started())")
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=60, check=True).stdout)
+    assert 0.5 <= age < 30
