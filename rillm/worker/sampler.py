@@ -15,6 +15,7 @@ it is recomputed after preemption.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -146,8 +147,44 @@ def _sample(logits: Tensor, batch: SamplingBatch,
         _mask_top_k_(x, batch.top_k, batch.max_top_k)
     if batch.top_p is not None:
         _mask_top_p_(x, batch.top_p)
-    x.add_(_gumbel_noise(batch))
-    return argmax(x)
+    return _gumbel_argmax(x, batch, argmax)
+
+
+# The noise's range: u lies in [0.5, 2**23 - 0.5] / 2**23, so G = -log(-log u) lies in
+# [-2.81, 16.64]. A token whose value sits more than the difference below its row's largest can
+# never win the draw, whatever the two noises.
+_U_LOW, _U_HIGH = 0.5 / 2**23, (2**23 - 0.5) / 2**23
+_GUMBEL_SPREAD = -math.log(-math.log(_U_HIGH)) + math.log(-math.log(_U_LOW))
+
+
+def _gumbel_argmax(x: Tensor, batch: SamplingBatch,
+                   argmax: Callable[[Tensor], Tensor] = _torch_argmax) -> Tensor:
+    """argmax(x + G) over each row, G = `_gumbel_noise(batch)`, hashing only the candidates.
+
+    With a 262k vocabulary the noise of every token costs more than the model's step (95 ms a
+    step at 32 rows against 56 for the step, Gemma 3 270M), yet a trained model's values leave
+    only a few percent of tokens within `_GUMBEL_SPREAD` of the row's largest. Only those get
+    their noise, the very values the full draw gives them, and the winner is the same token:
+    the others' x + G stays below the winner's even after float32 rounding (the margin covers
+    two roundings at the row's magnitude). Ties go to the lowest token id, as argmax's do.
+    """
+    rows, vocab = x.shape
+    top = x.amax(dim=-1, keepdim=True)
+    margin = 0.01 + top.abs() * 1e-6
+    row, col = (x >= top - (_GUMBEL_SPREAD + margin)).nonzero(as_tuple=True)
+    if row.numel() > x.numel() // 4 or not torch.isfinite(top).all():
+        # Most tokens in play (a high temperature), or no finite value to prune against.
+        x.add_(_gumbel_noise(batch))
+        return argmax(x)
+    start, stride = _row_streams(batch)
+    h = col * stride[row]
+    h.add_(start[row]).bitwise_and_(MASK32)
+    score = x[row, col] + gumbel_from_bits(_mix32_(h))
+    best = torch.full((rows,), float("-inf"), device=x.device).scatter_reduce_(
+        0, row, score, "amax")
+    won = score == best[row]
+    return torch.full((rows,), vocab, dtype=torch.int64, device=x.device).scatter_reduce_(
+        0, row[won], col[won], "amin")
 
 
 def _mask_top_k_(x: Tensor, top_k: Tensor, max_top_k: int) -> None:
@@ -188,15 +225,19 @@ def _gumbel_noise(batch: SamplingBatch) -> Tensor:
     stream is a shifted copy of another's. 23 hashed bits become u in (0, 1), and
     -log(-log u) is the Gumbel noise (see `gumbel_from_bits`).
     """
-    start = _mix32(((batch.steps + _STEP_SALT) & MASK32) ^ batch.seed_hi)
-    start = _mix32(start ^ batch.seed_lo)
-    stride = _mix32(start ^ _STRIDE_SALT) | 1
-
+    start, stride = _row_streams(batch)
     # token id < 2**31 times stride < 2**32 stays below 2**63.
     h = torch.arange(batch.vocab_size, device=start.device)[None, :] * stride[:, None]
     h.add_(start[:, None]).bitwise_and_(MASK32)
     _mix32_(h)
     return gumbel_from_bits(h)
+
+
+def _row_streams(batch: SamplingBatch) -> tuple[Tensor, Tensor]:
+    """[B] start values and odd strides of the rows' noise streams."""
+    start = _mix32(((batch.steps + _STEP_SALT) & MASK32) ^ batch.seed_hi)
+    start = _mix32(start ^ batch.seed_lo)
+    return start, _mix32(start ^ _STRIDE_SALT) | 1
 
 
 def gumbel_from_bits(h: Tensor) -> Tensor:

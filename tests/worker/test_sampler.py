@@ -409,3 +409,25 @@ def test_a_constrained_row_may_end_before_min_tokens() -> None:
     constrained = SamplingParams(temperature=0.0, min_tokens=5, ignore_eos=True,
                                  structured_outputs=StructuredOutputsParams(regex="x"))
     assert run(logits, [constrained]).token_ids.tolist() == [EOS]
+
+
+def test_the_pruned_draw_picks_what_the_full_noise_picks() -> None:
+    """Only tokens near a row's largest value get their noise hashed (big vocabularies); the
+    draw must be the token argmax(x + noise of every token) picks, ties and masks included."""
+    from rillm.worker.sampler import _gumbel_argmax, _gumbel_noise
+
+    generator = torch.Generator().manual_seed(3)
+    vocab, rows = 5000, 64
+    for spread in (2.0, 6.0, 30.0):  # a flat row (no pruning), a model's, a peaked one
+        x = torch.randn(rows, vocab, generator=generator) * spread
+        x[::3, ::7] = float("-inf")  # masked by top_k / top_p / a grammar
+        x[1, :] = x[1, 0]  # every token tied
+        x[2, 100:200] = x[2].max()  # a tie at the top
+        x[4] *= 1e4  # a large magnitude: rounding of x + noise at ~1e5
+        batch = SamplingBatch.build(
+            [SamplingParams(temperature=1.0, seed=s) for s in range(rows)],
+            seeds=[s * 7919 + 1 for s in range(rows)], prompt_token_ids=[[]] * rows,
+            output_token_ids=[list(range(s % 5)) for s in range(rows)], eos_token_ids=[EOS],
+            vocab_size=vocab, device="cpu")
+        expected = (x + _gumbel_noise(batch)).argmax(dim=-1)
+        assert torch.equal(_gumbel_argmax(x.clone(), batch), expected), spread
