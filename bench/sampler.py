@@ -84,12 +84,12 @@ def main() -> None:
         rows = text_logits[torch.linspace(0, len(tokens) - 1, batch).long()].contiguous()
         x = torch.randn(batch, hidden, dtype=engine.dtype)
         cells = [str(batch), f"{step_ms(engine, batch, args.repeats):.2f}",
-                 f"{median_ms(lambda: lm_head(x), args.repeats):.2f}"]
+                 f"{median_ms(lambda x=x: lm_head(x), args.repeats):.2f}"]
         for params in SETTINGS.values():
             sampling = SamplingBatch.build([params] * batch, list(range(batch)),
                                            [[1]] * batch, [[]] * batch,
                                            loaded.config.eos_token_ids, vocab, "cpu")
-            cells.append(f"{median_ms(lambda s=sampling: sampler(rows, s), args.repeats):.2f}")
+            cells.append(f"{median_ms(lambda s=sampling, r=rows: sampler(r, s), args.repeats):.2f}")
         print(" | ".join(cells), flush=True)
 
 

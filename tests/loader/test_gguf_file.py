@@ -59,7 +59,7 @@ def _assert_same(path):
         assert ours.get(key) == pytest.approx(expected) if isinstance(expected, float) \
             else ours.get(key) == expected, key
     assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
-    for mine, reference in zip(ours.tensors, theirs.tensors):
+    for mine, reference in zip(ours.tensors, theirs.tensors, strict=True):
         assert mine.shape == tuple(int(d) for d in reference.shape), mine.name
         assert mine.tensor_type == reference.tensor_type, mine.name
         assert mine.data.dtype == reference.data.dtype, mine.name

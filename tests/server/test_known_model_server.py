@@ -68,7 +68,8 @@ def test_chat_streams_with_chat_template_flag(gemma_with_template):
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finish = [c.choices[0].finish_reason for c in chunks
+              if c.choices and c.choices[0].finish_reason]
     assert text and "<end_of_turn>" not in text
     # A turn ends at <end_of_turn> (a stop token), or runs to max_tokens.
     assert finish in (["stop"], ["length"])
