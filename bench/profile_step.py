@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--by-shape", action="store_true",
+                        help="group operators by their input shapes too")
     args = parser.parse_args()
     bench_engine = make_engine(args.engine, load_model(args.model))
     bench_engine.activate()
@@ -49,10 +51,11 @@ def main() -> None:
     times.sort()
     print(f"decode step, {args.concurrency} requests: median {1000 * times[len(times) // 2]:.1f} "
           f"ms, min {1000 * times[0]:.1f} ms (threads={torch.get_num_threads()})")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         for _ in range(args.steps):
             engine.step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    averages = prof.key_averages(group_by_input_shape=args.by_shape)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

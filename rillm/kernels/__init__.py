@@ -5,8 +5,10 @@
 - `rotary_cache_write` (csrc/rotary_cache.cpp): the rotary embedding of a step's queries and
   keys and the write of keys and values into the cache, one op instead of ~15, bit-identical
   to the PyTorch path;
-- `rms_norm` (csrc/rms_norm.cpp): RMSNorm in one op instead of eight, the same roundings but
-  the squares summed in another order (used outside float32 only);
+- `rms_norm` and `rms_norm_scaled` (csrc/rms_norm.cpp): RMSNorm in one op instead of eight,
+  the same roundings but the squares summed in another order (used outside float32 only);
+  `rms_norm_scaled` is Gemma's (a float32 1 + w, one rounding; heads sliced from a fused QKV
+  output taken as they lie);
 - `gguf_linear`, `q8_quantize_blocks` and `gguf_block_bytes` (csrc/gguf_linear.cpp):
   activations rounded to int8 per block of 32 times a GGUF file's own blocks (Q4_0, Q4_1,
   Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; a matrix's parts may mix them) on VNNI, at any number of rows,
@@ -14,8 +16,9 @@
 - `paged_prefill_attention` (csrc/prefill_attention.cpp): prompt chunks' causal attention read
   from the paged cache, each task a tile of 16 queries against only the keys they see
   (bfloat16, AVX-512 BF16);
-- `silu_mul` (csrc/silu_mul.cpp): SiLU(gate) * up of the fused gate/up projection's output,
-  one pass and one rounding (bfloat16 models);
+- `silu_mul` and `gelu_tanh_mul` (csrc/silu_mul.cpp): SiLU(gate) * up (GeGLU's tanh GELU for
+  Gemma) of the fused gate/up projection's output, one pass and one rounding (bfloat16
+  models);
 - `decode_layer` (csrc/decode_layer.cpp): a whole decoder layer for a decode step on the
   kernels above (its matmuls on gguf_linear), called directly instead of ~30 Python-side calls;
 - `argmax_rows` (csrc/argmax.cpp): torch.argmax(dim=-1) of float32 logits, rows on every

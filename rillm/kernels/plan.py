@@ -48,8 +48,8 @@ class KernelPlan:
     rotary_cache_write: bool
     """Rotary embedding + K/V cache write as one C++ op."""
     fused_norm: bool
-    """RMSNorm and SiLU(gate) * up as C++ ops (outside float32, whose path keeps PyTorch's
-    summation order, the one held to transformers)."""
+    """RMSNorm (Gemma's too) and SiLU / tanh-GELU(gate) * up as C++ ops (outside float32,
+    whose path keeps PyTorch's summation order, the one held to transformers)."""
     fused_decode: bool
     """Decode-only steps run each decoder layer as one C++ op (where every layer's matmuls
     are on gguf_linear; fused_decode.py)."""

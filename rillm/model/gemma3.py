@@ -32,13 +32,18 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class GemmaRMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float, fused: bool) -> None:
         super().__init__()
-        self.scale = 1.0 + weight.float()
+        self.scale = (1.0 + weight.float()).contiguous()
         """1 + w, in float32: what the reference multiplies by."""
         self.eps = eps
+        self.fused = fused
+        """rillm's C++ `rms_norm_scaled` (outside float32, on the CPU): one op instead of
+        eight, 109 of them a decode step; the float32 path keeps these."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dim() in (2, 3) and x.stride(-1) == 1:
+            return torch.ops.rillm.rms_norm_scaled(x, self.scale, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * self.scale).to(x.dtype)
@@ -54,8 +59,9 @@ class Gemma3Attention(nn.Module):
         self.qkv_proj = checkpoint.linear(f"{prefix}.qkv_proj")
         self.o_proj = checkpoint.linear(f"{prefix}.o_proj")
         eps = config.rms_norm_eps
-        self.q_norm = GemmaRMSNorm(checkpoint.tensor(f"{prefix}.q_norm.weight"), eps)
-        self.k_norm = GemmaRMSNorm(checkpoint.tensor(f"{prefix}.k_norm.weight"), eps)
+        fused = plan.fused_norm
+        self.q_norm = GemmaRMSNorm(checkpoint.tensor(f"{prefix}.q_norm.weight"), eps, fused)
+        self.k_norm = GemmaRMSNorm(checkpoint.tensor(f"{prefix}.k_norm.weight"), eps, fused)
         self.windowed = config.windowed(layer)
         self.attn = Attention(attention, config.attention_scale, plan.rotary_cache_write,
                               self.windowed)
@@ -70,13 +76,19 @@ class Gemma3Attention(nn.Module):
 
 
 class Gemma3MLP(nn.Module):
-    def __init__(self, prefix: str, checkpoint: Checkpoint) -> None:
+    def __init__(self, prefix: str, checkpoint: Checkpoint, fused: bool) -> None:
         super().__init__()
         self.gate_up_proj = checkpoint.linear(f"{prefix}.gate_up_proj")
         self.down_proj = checkpoint.linear(f"{prefix}.down_proj")
+        self.fused = fused
+        """rillm's C++ `gelu_tanh_mul`: GELU(gate) * up in one pass and one rounding (bfloat16
+        on the CPU); the float32 path keeps PyTorch's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused and gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu":
+            return self.down_proj(torch.ops.rillm.gelu_tanh_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
@@ -87,14 +99,15 @@ class Gemma3DecoderLayer(nn.Module):
         prefix, eps = f"model.layers.{layer}", config.rms_norm_eps
 
         def norm(name: str) -> GemmaRMSNorm:
-            return GemmaRMSNorm(checkpoint.tensor(f"{prefix}.{name}.weight"), eps)
+            return GemmaRMSNorm(checkpoint.tensor(f"{prefix}.{name}.weight"), eps,
+                                plan.fused_norm)
 
         self.input_layernorm = norm("input_layernorm")
         self.self_attn = Gemma3Attention(config, layer, f"{prefix}.self_attn", checkpoint, plan,
                                          attention)
         self.post_attention_layernorm = norm("post_attention_layernorm")
         self.pre_feedforward_layernorm = norm("pre_feedforward_layernorm")
-        self.mlp = Gemma3MLP(f"{prefix}.mlp", checkpoint)
+        self.mlp = Gemma3MLP(f"{prefix}.mlp", checkpoint, plan.fused_norm)
         self.post_feedforward_layernorm = norm("post_feedforward_layernorm")
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache,
@@ -114,7 +127,8 @@ class Gemma3Model(nn.Module):
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(config, i, checkpoint, plan, attention)
             for i in range(config.num_hidden_layers))
-        self.norm = GemmaRMSNorm(checkpoint.tensor("model.norm.weight"), config.rms_norm_eps)
+        self.norm = GemmaRMSNorm(checkpoint.tensor("model.norm.weight"), config.rms_norm_eps,
+                                 plan.fused_norm)
         self.rotary_emb = RotaryEmbedding(config, checkpoint.device)
         local = replace(config, rope_theta=config.rope_local_theta or config.rope_theta,
                         rope_scaling=None)
@@ -152,4 +166,4 @@ class Gemma3ForCausalLM(nn.Module):
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """Logits [len(logits_indices), vocab] in float32, only for the rows asked for."""
         hidden = self.model(input_ids, positions, caches, metadata)
-        return self.lm_head(hidden[logits_indices]).float()
+        return self.lm_head(hidden[logits_indices], torch.float32)

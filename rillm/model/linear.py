@@ -51,8 +51,10 @@ class LinearMethod(Protocol):
     """What torch.ops.rillm.decode_layer multiplies by (gguf_linear's packed blocks, one
     tensor a part), or None where the method is not one it runs."""
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """`x [..., in]` (any float dtype) -> `x W^T + b` `[..., out]` in x's dtype."""
+    def apply(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`x [..., in]` (any float dtype) -> `x W^T + b` `[..., out]` in x's dtype, or in
+        `out_dtype` (the lm_head's float32 logits: a method that can write them directly,
+        unrounded, does, instead of a copy of the whole [rows, vocab] afterwards)."""
         ...
 
 
@@ -61,8 +63,8 @@ class Linear(nn.Module):
         super().__init__()
         self.method = method
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(x)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.method.apply(x, out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.method.name}, out_features={self.method.out_features}"
@@ -78,8 +80,9 @@ class Dense:
         self.weight, self.bias = weight, bias
         self.out_features = weight.shape[0]
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def apply(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return y if out_dtype is None else y.to(out_dtype)
 
 
 class GGUFBlocksMethod:
@@ -104,10 +107,12 @@ class GGUFBlocksMethod:
         return all(p.type_name in SUPPORTED_TYPES and p.shape[0] % LANES == 0
                    and p.shape[1] % BLOCK_SIZE == 0 for p in parts)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = self._mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self._parts)
-        y = y.to(x.dtype)
+        dtype = out_dtype or x.dtype
+        y = self._mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self._parts,
+                     dtype == torch.float32)
+        y = y.to(dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
@@ -156,7 +161,7 @@ class Int4Method:
         self.dense = BFloat16Weight(dense)
         self.bias = bias
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if x2.shape[0] > MAX_INT4_ROWS:
@@ -165,7 +170,7 @@ class Int4Method:
             if self.duplicate_input:
                 x2 = torch.cat((x2, x2), dim=-1)
             y = _INT4_MM(x2, self.packed, BLOCK_SIZE, self.scales_and_zeros)
-        y = y.to(x.dtype)
+        y = y.to(out_dtype or x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)

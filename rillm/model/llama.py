@@ -174,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """Logits [len(logits_indices), vocab] in float32, only for the rows asked for."""
         hidden = self.model(input_ids, positions, caches, metadata)
-        return self.lm_head(hidden[logits_indices]).float()
+        return self.lm_head(hidden[logits_indices], torch.float32)
 
 
 def _fused_decode(layers: nn.ModuleList, config: ModelArchConfig) -> FusedDecode | None:

@@ -89,7 +89,7 @@ class ModelRunner:
             device=self.device,
             allowed=self._allowed_tokens(sampling),
         )
-        result = self.sampler(logits, batch)
+        result = self.sampler(logits, batch, consume=True)
         rows = [i for i, s in enumerate(scheduled) if s.samples]
         for row, token_id in zip(rows, result.token_ids.tolist(), strict=True):
             sampled[row] = token_id

@@ -124,6 +124,21 @@ def test_gguf_linear_is_its_arithmetic_up_to_the_outputs_rounding(fmt, n, k, row
     assert ((y.double() - expected).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("fmt", SUPPORTED_TYPES)
+@pytest.mark.parametrize("rows", [1, 3, 8, 33])
+def test_float_out_is_the_same_sums_unrounded(fmt, rows):
+    """The lm_head's float32 logits: the sums before their rounding to bfloat16, so within
+    float32's error of the reference and, rounded, the bfloat16 result bit for bit."""
+    blocks = _matrix(fmt, 96, 512)
+    packed = pack(decode_blocks(blocks))
+    x = _activations(rows, 512)
+    y = torch.ops.rillm.gguf_linear(x, [packed], float_out=True)
+    assert y.dtype == torch.float32 and y.shape == (rows, 96)
+    expected, magnitude = product_reference(x, blocks)
+    assert ((y.double() - expected).abs() <= 1e-6 * magnitude).all()
+    assert torch.equal(y.bfloat16(), torch.ops.rillm.gguf_linear(x, [packed]))
+
+
 def test_parts_of_different_formats_are_one_matrix():
     """A Q4_K_M file's fused QKV: parts of other formats, each its own rows of the output."""
     formats = ["Q4_K", "Q6_K", "Q5_0", "Q8_0"]

@@ -30,6 +30,7 @@ def run(
     prompts: Sequence[Sequence[int]] | None = None,
     outputs: Sequence[Sequence[int]] | None = None,
     allowed: torch.Tensor | None = None,
+    consume: bool = False,
 ) -> SamplerOutput:
     rows = len(params)
     batch = SamplingBatch.build(
@@ -42,7 +43,7 @@ def run(
         device="cpu",
         allowed=allowed,
     )
-    return Sampler()(logits, batch)
+    return Sampler()(logits, batch, consume=consume)
 
 
 def draws(row: torch.Tensor, params: SamplingParams, n: int, **kwargs) -> torch.Tensor:
@@ -331,6 +332,24 @@ def test_the_callers_logits_are_not_modified() -> None:
     )
     run(logits, [params] * 2, prompts=[[3, 4]] * 2, outputs=[[5]] * 2)
     assert torch.equal(logits, before)
+
+
+def test_consumed_logits_give_the_same_tokens_without_a_copy() -> None:
+    """The model runner hands its fresh logits over: bans and biases are written into them,
+    and every row draws what it draws from a copy."""
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(5))
+    logits[:, EOS] = 50.0  # banned under min_tokens: must not win either way
+    params = [
+        SamplingParams(temperature=0.0, min_tokens=3),
+        SamplingParams(temperature=0.7, top_k=8, logit_bias={7: 2.0}, min_tokens=3),
+        SamplingParams(temperature=1.0, top_p=0.9, ignore_eos=True),
+        SamplingParams(temperature=0.0, logit_bias={3: 100.0}),
+    ]
+    copied = run(logits, params)
+    consumed = run(logits, params, consume=True)
+    assert torch.equal(copied.token_ids, consumed.token_ids)
+    assert EOS not in copied.token_ids[:3].tolist() and copied.token_ids[3] == 3
+    assert logits[0, EOS] == float("-inf")  # written in place
 
 
 def test_build_skips_what_no_row_needs() -> None:

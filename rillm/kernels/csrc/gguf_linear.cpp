@@ -52,6 +52,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -214,9 +215,9 @@ inline __mmask64 load_mask(const uint8_t* at) {
 
 // R rows of x (quantized, starting at row `first`) against one group of 16 outputs, block by
 // block; y points at the group's first output of row `first`.
-template <Format F, int R>
+template <Format F, int R, typename T>
 NO_REASSOCIATION void group_rows(const QuantizedRows& x, int64_t first, int64_t k,
-                                 const uint8_t* group, c10::BFloat16* y, int64_t n) {
+                                 const uint8_t* group, T* y, int64_t n) {
   using L = Layout<F>;
   constexpr Spec S = L::kSpec;
   const int64_t blocks = k / kBlock;
@@ -284,8 +285,13 @@ NO_REASSOCIATION void group_rows(const QuantizedRows& x, int64_t first, int64_t 
         acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(x.sums[(first + r) * blocks + b]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    _mm256_storeu_si256((__m256i*)(y + r * n), (__m256i)_mm512_cvtneps_pbh(acc[r]));
+  for (int r = 0; r < R; ++r) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_storeu_ps(y + r * n, acc[r]);
+    } else {
+      _mm256_storeu_si256((__m256i*)(y + r * n), (__m256i)_mm512_cvtneps_pbh(acc[r]));
+    }
+  }
 }
 #else
 template <bool kHalf>
@@ -314,9 +320,9 @@ inline int32_t weight_at(const uint8_t* block, int64_t lane, int64_t i) {
 }
 
 // Portable: the same sums in the same order, one output at a time.
-template <Format F, int R>
+template <Format F, int R, typename T>
 NO_REASSOCIATION void group_rows(const QuantizedRows& x, int64_t first, int64_t k,
-                                 const uint8_t* group, c10::BFloat16* y, int64_t n) {
+                                 const uint8_t* group, T* y, int64_t n) {
   using L = Layout<F>;
   constexpr Spec S = L::kSpec;
   const int64_t blocks = k / kBlock;
@@ -347,41 +353,42 @@ NO_REASSOCIATION void group_rows(const QuantizedRows& x, int64_t first, int64_t 
                              total);
         }
       }
-      y[r * n + lane] = c10::BFloat16(total);
+      y[r * n + lane] = T(total);
     }
   }
 }
 #endif
 
 // All rows of x against one group of 16 outputs, in passes of up to kMaxPassRows rows.
-template <Format F>
+template <Format F, typename T>
 void group_all_rows(const QuantizedRows& x, int64_t rows, int64_t k, const uint8_t* group,
-                    c10::BFloat16* y, int64_t n) {
+                    T* y, int64_t n) {
   for (int64_t r = 0; r < rows; r += kMaxPassRows) {
-    c10::BFloat16* out = y + r * n;
+    T* out = y + r * n;
     switch (std::min<int64_t>(kMaxPassRows, rows - r)) {
-      case 1: group_rows<F, 1>(x, r, k, group, out, n); break;
-      case 2: group_rows<F, 2>(x, r, k, group, out, n); break;
-      case 3: group_rows<F, 3>(x, r, k, group, out, n); break;
-      case 4: group_rows<F, 4>(x, r, k, group, out, n); break;
-      case 5: group_rows<F, 5>(x, r, k, group, out, n); break;
-      case 6: group_rows<F, 6>(x, r, k, group, out, n); break;
-      case 7: group_rows<F, 7>(x, r, k, group, out, n); break;
-      default: group_rows<F, 8>(x, r, k, group, out, n); break;
+      case 1: group_rows<F, 1, T>(x, r, k, group, out, n); break;
+      case 2: group_rows<F, 2, T>(x, r, k, group, out, n); break;
+      case 3: group_rows<F, 3, T>(x, r, k, group, out, n); break;
+      case 4: group_rows<F, 4, T>(x, r, k, group, out, n); break;
+      case 5: group_rows<F, 5, T>(x, r, k, group, out, n); break;
+      case 6: group_rows<F, 6, T>(x, r, k, group, out, n); break;
+      case 7: group_rows<F, 7, T>(x, r, k, group, out, n); break;
+      default: group_rows<F, 8, T>(x, r, k, group, out, n); break;
     }
   }
 }
 
+template <typename T>
 void group_dispatch(Format f, const QuantizedRows& x, int64_t rows, int64_t k,
-                    const uint8_t* group, c10::BFloat16* y, int64_t n) {
+                    const uint8_t* group, T* y, int64_t n) {
   switch (f) {
-    case Format::kQ4_0: group_all_rows<Format::kQ4_0>(x, rows, k, group, y, n); break;
-    case Format::kQ4_1: group_all_rows<Format::kQ4_1>(x, rows, k, group, y, n); break;
-    case Format::kQ5_0: group_all_rows<Format::kQ5_0>(x, rows, k, group, y, n); break;
-    case Format::kQ8_0: group_all_rows<Format::kQ8_0>(x, rows, k, group, y, n); break;
-    case Format::kQ4_K: group_all_rows<Format::kQ4_K>(x, rows, k, group, y, n); break;
-    case Format::kQ5_K: group_all_rows<Format::kQ5_K>(x, rows, k, group, y, n); break;
-    case Format::kQ6_K: group_all_rows<Format::kQ6_K>(x, rows, k, group, y, n); break;
+    case Format::kQ4_0: group_all_rows<Format::kQ4_0, T>(x, rows, k, group, y, n); break;
+    case Format::kQ4_1: group_all_rows<Format::kQ4_1, T>(x, rows, k, group, y, n); break;
+    case Format::kQ5_0: group_all_rows<Format::kQ5_0, T>(x, rows, k, group, y, n); break;
+    case Format::kQ8_0: group_all_rows<Format::kQ8_0, T>(x, rows, k, group, y, n); break;
+    case Format::kQ4_K: group_all_rows<Format::kQ4_K, T>(x, rows, k, group, y, n); break;
+    case Format::kQ5_K: group_all_rows<Format::kQ5_K, T>(x, rows, k, group, y, n); break;
+    case Format::kQ6_K: group_all_rows<Format::kQ6_K, T>(x, rows, k, group, y, n); break;
   }
 }
 
@@ -436,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> q8_quanti
   return {out.q, out.scales, out.sums, out.q_sums, out.half_sums};
 }
 
-at::Tensor gguf_linear(const at::Tensor& x, at::TensorList packed) {
+at::Tensor gguf_linear(const at::Tensor& x, at::TensorList packed, bool float_out) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16,
               "gguf_linear takes x [rows, K] bfloat16 on the CPU");
   TORCH_CHECK(!packed.empty(), "gguf_linear takes at least one packed matrix");
@@ -455,20 +462,27 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList packed) {
     groups += p.size(0);
   }
   const int64_t n = groups * kLanes;
-  auto y = at::empty({rows, n}, x.options());
+  auto y = at::empty({rows, n}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   if (rows == 0) return y;
   const auto quantized = quantize(x);
   const QuantizedRows xq = quantized.rows();
-  auto* yd = y.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    size_t p = 0;
-    for (int64_t g = begin; g < end; ++g) {
-      while (p + 1 < parts.size() && parts[p + 1].first_group <= g) ++p;
-      const Part& part = parts[p];
-      group_dispatch(part.format, xq, rows, k,
-                     part.data + (g - part.first_group) * part.group_bytes, yd + g * kLanes, n);
-    }
-  });
+  auto run = [&](auto* yd) {
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      size_t p = 0;
+      for (int64_t g = begin; g < end; ++g) {
+        while (p + 1 < parts.size() && parts[p + 1].first_group <= g) ++p;
+        const Part& part = parts[p];
+        group_dispatch(part.format, xq, rows, k,
+                       part.data + (g - part.first_group) * part.group_bytes, yd + g * kLanes,
+                       n);
+      }
+    });
+  };
+  if (float_out) {
+    run(y.data_ptr<float>());
+  } else {
+    run(y.data_ptr<c10::BFloat16>());
+  }
   return y;
 }
 
@@ -484,7 +498,7 @@ std::vector<int64_t> gguf_block_bytes() {
 
 TORCH_LIBRARY_FRAGMENT(rillm, m) {
   m.def("q8_quantize_blocks(Tensor x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("gguf_linear(Tensor x, Tensor[] packed) -> Tensor");
+  m.def("gguf_linear(Tensor x, Tensor[] packed, bool float_out=False) -> Tensor");
   m.def("gguf_block_bytes() -> int[]", &rillm::gguf_block_bytes);
   m.impl("q8_quantize_blocks", c10::DispatchKey::CPU, &rillm::q8_quantize_blocks);
   m.impl("gguf_linear", c10::DispatchKey::CPU, &rillm::gguf_linear);

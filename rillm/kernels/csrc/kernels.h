@@ -83,7 +83,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
 // x [rows, K] bfloat16 times a matrix of GGUF blocks packed by rillm.kernels.gguf_pack, in
-// parts (of any formats) whose outputs are concatenated.
-at::Tensor gguf_linear(const at::Tensor& x, at::TensorList packed);
+// parts (of any formats) whose outputs are concatenated; bfloat16 out, or float32 (unrounded)
+// where `float_out`.
+at::Tensor gguf_linear(const at::Tensor& x, at::TensorList packed, bool float_out = false);
 
 }  // namespace rillm
