@@ -7,6 +7,7 @@ when the engine admits the request.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -19,6 +20,16 @@ MAX_LOGPROBS = 20
 
 MAX_N = 128
 """The most choices one request may ask for (OpenAI's limit)."""
+
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 1024
+"""Stop strings a request may give, and the longest: every one is looked for in the text of
+every step, so together they bound that scan's cost per token."""
+
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024
+"""Entries of `stop_token_ids` and of `logit_bias`: what a request may make each of its steps
+carry besides the model."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,10 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            _check(math.isfinite(value), name, f"must be a finite number, got {value}")
         _check(
             isinstance(self.n, int) and 1 <= self.n <= MAX_N,
             "n",
@@ -113,11 +128,31 @@ class SamplingParams:
             "stop strings must be non-empty strings",
         )
         _check(
+            len(self.stop_strings) <= MAX_STOP_STRINGS,
+            "stop",
+            f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop_strings)}",
+        )
+        _check(
+            all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_strings),
+            "stop",
+            f"a stop string may be at most {MAX_STOP_STRING_CHARS} characters",
+        )
+        _check(
+            len(self.stop_token_ids or ()) <= MAX_STOP_TOKEN_IDS,
+            "stop_token_ids",
+            f"at most {MAX_STOP_TOKEN_IDS} token ids, got {len(self.stop_token_ids or ())}",
+        )
+        _check(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids or ()),
             "stop_token_ids",
             "must be non-negative token ids",
         )
         if self.logit_bias:
+            _check(
+                len(self.logit_bias) <= MAX_LOGIT_BIAS,
+                "logit_bias",
+                f"at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}",
+            )
             for token_id, bias in self.logit_bias.items():
                 _check(token_id >= 0, "logit_bias", f"token id {token_id} is negative")
                 _check(

@@ -84,12 +84,17 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                            allow_methods=["*"], allow_headers=["*"])
 
+    expected_key = (config.api_key or "").encode("utf-8")
+
     async def require_key(request: Request) -> None:
         if config.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), config.api_key):
+        # Compared as bytes: a header is latin-1 text (any byte), which compare_digest refuses
+        # as a str once it is not ASCII.
+        sent = token.strip().encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, expected_key):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                            code="invalid_api_key")
 

@@ -9,7 +9,39 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+
+def _unicode(value: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate (`"\\ud800"`), which Python keeps in a str but
+    no tokenizer, grammar compiler or UTF-8 encoder takes: a 400 here, not a 500 later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone UTF-16 surrogate (U+{ord(value[exc.start]):04X} at "
+                         f"character {exc.start}), which is not Unicode text") from None
+    return value
+
+
+def _unicode_tree(value: dict[str, Any]) -> dict[str, Any]:
+    """Every key and string inside a free-form JSON object (schemas, template kwargs), walked
+    without recursion (the JSON parser already bounds its depth)."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _unicode(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
+"""A string that is Unicode text (every string a request sends)."""
+JSONObject = Annotated[dict[str, Any], AfterValidator(_unicode_tree)]
 
 
 class _Strict(BaseModel):
@@ -23,31 +55,31 @@ class StreamOptions(_Strict):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class FunctionCall(_Strict):
-    name: StrictStr
-    arguments: StrictStr
+    name: Text
+    arguments: Text
 
 
 class ToolCall(_Strict):
-    id: StrictStr
+    id: Text
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
     tool_calls: list[ToolCall] | None = None
-    tool_call_id: StrictStr | None = None
+    tool_call_id: Text | None = None
     # What clients send back when they append an earlier response's message as it came;
     # accepted, not rendered (chat templates show the answer, not the thinking).
-    reasoning: StrictStr | None = None
-    reasoning_content: StrictStr | None = None
-    refusal: StrictStr | None = None
+    reasoning: Text | None = None
+    reasoning_content: Text | None = None
+    refusal: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -56,9 +88,9 @@ class ChatMessage(_Strict):
 
 
 class FunctionDefinition(_Strict):
-    name: StrictStr = Field(min_length=1)
-    description: StrictStr | None = None
-    parameters: dict[str, Any] | None = None
+    name: Text = Field(min_length=1)
+    description: Text | None = None
+    parameters: JSONObject | None = None
     strict: StrictBool | None = None
 
 
@@ -68,7 +100,7 @@ class Tool(_Strict):
 
 
 class FunctionName(_Strict):
-    name: StrictStr
+    name: Text
 
 
 class NamedToolChoice(_Strict):
@@ -77,9 +109,9 @@ class NamedToolChoice(_Strict):
 
 
 class JsonSchemaFormat(_Strict):
-    name: StrictStr = "response"
-    description: StrictStr | None = None
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    name: Text = "response"
+    description: Text | None = None
+    json_schema: JSONObject | None = Field(default=None, alias="schema")
     strict: StrictBool | None = None
 
 
@@ -91,11 +123,11 @@ class ResponseFormat(_Strict):
 class StructuredOutputsField(_Strict):
     """vLLM's `structured_outputs` (extra_body): exactly one constraint."""
 
-    json_schema: dict[str, Any] | StrictStr | None = Field(default=None, alias="json")
+    json_schema: JSONObject | Text | None = Field(default=None, alias="json")
     json_object: StrictBool | None = None
-    regex: StrictStr | None = None
-    choice: list[StrictStr] | None = None
-    grammar: StrictStr | None = None
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
 
 
 Number = Annotated[float, Field(strict=True)]
@@ -105,19 +137,19 @@ Number = Annotated[float, Field(strict=True)]
 class SamplingFields(_Strict):
     """Fields both endpoints share."""
 
-    model: StrictStr | None = None
+    model: Text | None = None
     n: StrictInt = 1
     temperature: Number | None = None
     top_p: Number | None = None
     max_tokens: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     seed: StrictInt | None = None
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
     logit_bias: dict[str, Number] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: StrictStr | None = None
+    user: Text | None = None
     # The engine's extras (extra_body in the openai SDK).
     top_k: StrictInt | None = None
     min_p: Number | None = None
@@ -139,8 +171,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
     add_generation_prompt: StrictBool = True
-    chat_template: StrictStr | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: Text | None = None
+    chat_template_kwargs: JSONObject | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
@@ -148,26 +180,26 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
     echo: StrictBool = False
     logprobs: StrictInt | None = None
-    suffix: StrictStr | None = None
+    suffix: Text | None = None
     best_of: StrictInt | None = None
 
 
 class TokenizeRequest(_Strict):
-    model: StrictStr | None = None
-    prompt: StrictStr | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
-    chat_template: StrictStr | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: Text | None = None
+    chat_template_kwargs: JSONObject | None = None
     tools: list[Tool] | None = None
 
 
 class DetokenizeRequest(_Strict):
-    model: StrictStr | None = None
+    model: Text | None = None
     tokens: list[StrictInt]
 
 

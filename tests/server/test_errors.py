@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -15,7 +16,12 @@ OK_MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
 def post(server, path, body=None, content=None, headers=None):
-    return httpx.post(f"{server.v1}{path}", json=body, content=content,
+    if body is not None:
+        # Python's own JSON: Infinity / NaN and \\uXXXX escapes for any string, as a careless
+        # client writes them (httpx's json= refuses both).
+        content = json.dumps(body).encode()
+        headers = {"content-type": "application/json", **(headers or {})}
+    return httpx.post(f"{server.v1}{path}", content=content,
                       headers={**server.headers(), **(headers or {})}, timeout=60)
 
 
@@ -52,12 +58,39 @@ def assert_error(response, status, param=None, code=None):
     ({}, "messages"),
     ({"messages": OK_MESSAGES, "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"messages": OK_MESSAGES, "stream_options": {"include_usage": True}}, "stream_options"),
+    # Non-finite numbers (Python's JSON writes and reads Infinity and NaN).
+    ({"messages": OK_MESSAGES, "temperature": float("inf")}, "temperature"),
+    ({"messages": OK_MESSAGES, "repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"messages": OK_MESSAGES, "presence_penalty": float("nan")}, "presence_penalty"),
+    ({"messages": OK_MESSAGES, "min_p": float("nan")}, "min_p"),
+    # What a request may make every step carry.
+    ({"messages": OK_MESSAGES, "stop": [f"s{i}" for i in range(33)]}, "stop"),
+    ({"messages": OK_MESSAGES, "stop": "x" * 1025}, "stop"),
+    ({"messages": OK_MESSAGES, "stop_token_ids": list(range(1025))}, "stop_token_ids"),
+    ({"messages": OK_MESSAGES, "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+    # Lone UTF-16 surrogates: valid JSON, not Unicode text.
+    ({"messages": [{"role": "user", "content": "hi \ud800 there"}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00\ud800"}]}]},
+     "messages.0.content.0.text"),
+    ({"messages": OK_MESSAGES, "stop": ["ok", "\ud83d"]}, "stop.1"),
+    ({"messages": OK_MESSAGES, "chat_template_kwargs": {"k": ["\ud800"]}},
+     "chat_template_kwargs"),
 ])
 def test_invalid_chat_requests_are_400_naming_the_param(server, body, param):
     for stream in (False, True) if param != "stream_options" else (False,):
         response = post(server, "/chat/completions",
                         {**body, "stream": body.get("stream", stream)})
         assert_error(response, 400, param=param)
+
+
+@pytest.mark.parametrize("prompt", ["caf\u00e9 \ud800", ["fine", "\udfff"]])
+def test_a_completion_prompt_with_a_lone_surrogate_is_400(server, prompt):
+    # Sent as the raw JSON escape a client's encoder writes for a broken string.
+    content = json.dumps({"prompt": prompt, "max_tokens": 2})
+    response = post(server, "/completions", content=content.encode(),
+                    headers={"content-type": "application/json"})
+    assert "surrogate" in assert_error(response, 400)["message"]
+    assert post(server, "/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
 def test_a_body_that_is_not_an_object_is_400(server):
@@ -117,6 +150,14 @@ def test_api_key_is_required_on_every_v1_route(guarded_server, method, path):
                                  headers=headers, timeout=30)
         assert_error(response, 401, code="invalid_api_key")
     assert httpx.get(f"{guarded_server.base_url}/health", timeout=10).status_code == 200
+
+
+def test_a_non_ascii_key_is_401_not_500(guarded_server):
+    url = guarded_server.v1 + "/models"
+    sent = ("Bearer s\u00e9same".encode("latin-1"), b"Bearer \xff\xfe", "Bearer \u00e9".encode())
+    for raw in sent:
+        response = httpx.get(url, headers=[(b"authorization", raw)], timeout=30)
+        assert_error(response, 401, code="invalid_api_key")
 
 
 def test_sdk_with_the_key_and_a_served_name(guarded_server):
