@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' (default: $RILLM_API_KEY)")
     serve.add_argument("--chat-template", default=None,
                        help="a Jinja chat template, or a file holding one")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="let requests bring their own chat_template (it runs on the "
+                            "server); without it such a request is a 400")
     serve.add_argument("--stream-interval", type=int, default=1,
                        help="tokens per streamed event, at most")
     serve.add_argument("--allowed-origins", nargs="*", default=[],
@@ -268,6 +271,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if template is not None and os.path.isfile(template):
             with open(template, encoding="utf-8") as f:
                 template = f.read()
+        elif template is not None and "{{" not in template and "{%" not in template:
+            raise ValueError(f"--chat-template {template}: no such file, and not a template "
+                             f"either (no {{{{ or {{%)")
         names = tuple(args.served_model_name or [model or DEFAULT_MODEL_NAME])
         template_kwargs = {}
         if args.default_chat_template_kwargs:
@@ -281,6 +287,7 @@ def run_serve(args: argparse.Namespace) -> int:
             host=args.host, port=args.port, served_model_names=names, api_key=args.api_key,
             stream_interval=args.stream_interval, allowed_origins=tuple(args.allowed_origins),
             max_queued_requests=args.max_queued_requests, chat_template=template,
+            trust_request_chat_template=args.trust_request_chat_template,
             keepalive_interval=args.keepalive_interval,
             uvicorn_log_level=args.uvicorn_log_level,
             reasoning_parser=args.reasoning_parser,

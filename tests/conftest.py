@@ -95,6 +95,7 @@ def reasoning_server() -> Iterator[Server]:
     yield from start_server(
         "--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser",
         "hermes", "--default-chat-template-kwargs", '{"flavor": "vanilla"}',
+        "--trust-request-chat-template",
     )
 
 

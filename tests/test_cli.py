@@ -29,6 +29,13 @@ def test_bad_arguments_give_one_clear_line_not_a_traceback(tmp_path):
         assert expected in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_mistyped_chat_template_path_is_an_error_not_a_template(tmp_path):
+    result = subprocess.run([*RILLM, "serve", "--chat-template", str(tmp_path / "chat.jinja")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_ready_in_counts_from_the_process_start():
     # The serve line's clock starts when the process did, so it includes the interpreter's
     # start and the imports: here a half-second sleep before the clock is even asked.

@@ -34,6 +34,10 @@ def render_chat(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage]
                 add_generation_prompt: bool, chat_template: str | None,
                 tools: Sequence[Tool] | None = None,
                 template_kwargs: dict[str, Any] | None = None) -> str:
+    if chat_template is not None and not state.config.trust_request_chat_template:
+        raise APIError(400, "a chat_template in the request is refused: a template runs on the "
+                       "server, so only one started with --trust-request-chat-template takes "
+                       "them", param="chat_template")
     template = chat_template or state.config.chat_template or engine.chat_template
     if not template:
         raise APIError(400, "this model has no chat template; use /v1/completions or start "

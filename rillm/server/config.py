@@ -24,6 +24,9 @@ class ServerConfig:
     """Requests allowed to wait beyond max_num_seqs before new ones get a 429."""
     chat_template: str | None = None
     """Overrides the model's chat template."""
+    trust_request_chat_template: bool = False
+    """Whether a request may bring its own `chat_template` (it runs on the server; vLLM's
+    flag of the same name). Off: such a request is a 400."""
     keepalive_interval: float = 10.0
     """Seconds without an event after which a stream gets a `: keep-alive` comment."""
     uvicorn_log_level: str = "warning"

@@ -93,6 +93,20 @@ def test_a_completion_prompt_with_a_lone_surrogate_is_400(server, prompt):
     assert post(server, "/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
+def test_a_request_template_needs_the_operators_flag(server):
+    """A template in the request runs on the server (loops, huge strings): refused unless the
+    server was started with --trust-request-chat-template (tests/server/test_known_model_server
+    and the reasoning server run with it)."""
+    template = "{% for i in range(10**6) %}{% for j in range(10**6) %}x{% endfor %}{% endfor %}"
+    for url in (f"{server.v1}/chat/completions", f"{server.base_url}/tokenize"):
+        response = httpx.post(url, json={"messages": OK_MESSAGES, "chat_template": template},
+                              headers=server.headers(), timeout=60)
+        error = assert_error(response, 400, param="chat_template")
+        assert "--trust-request-chat-template" in error["message"]
+    assert post(server, "/chat/completions",
+                {"messages": OK_MESSAGES, "max_tokens": 2}).status_code == 200
+
+
 def test_a_body_that_is_not_an_object_is_400(server):
     for content in (b"[1, 2]", b'"hi"', b"null"):
         response = post(server, "/chat/completions", content=content,

@@ -20,7 +20,8 @@ MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    yield from start_server("gemma3-270m", "--max-model-len", "2048")
+    yield from start_server("gemma3-270m", "--max-model-len", "2048",
+                            "--trust-request-chat-template")
 
 
 @pytest.fixture(scope="module")
