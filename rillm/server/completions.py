@@ -22,6 +22,10 @@ from rillm.server.streaming import token_text
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for this endpoint."""
 
+MAX_SEQUENCES = 1024
+"""The most sequences one request may start: prompts in its list times `n`. Without it one
+small request could queue ~128,000 of them (and tokenize its whole list on the event loop)."""
+
 
 def _prompts(engine: AsyncEngine, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
@@ -44,6 +48,11 @@ async def create_completion(state: Any, engine: AsyncEngine, body: CompletionReq
         raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
+    count = 1 if isinstance(body.prompt, str) or (body.prompt and isinstance(
+        body.prompt[0], int)) else len(body.prompt)
+    if count * body.n > MAX_SEQUENCES:
+        raise APIError(400, f"{count} prompts x n={body.n} is more than the {MAX_SEQUENCES} "
+                       "sequences one request may start", param="prompt")
     prompts = _prompts(engine, body.prompt)
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     if max_tokens < 1:

@@ -107,6 +107,17 @@ def test_a_request_template_needs_the_operators_flag(server):
                 {"messages": OK_MESSAGES, "max_tokens": 2}).status_code == 200
 
 
+def test_a_prompt_list_times_n_is_bounded(server):
+    """At most 1024 sequences a request (prompts in the list x n), checked before any of them
+    is tokenized or queued."""
+    response = post(server, "/completions", {"prompt": ["a"] * 9, "n": 128, "max_tokens": 1})
+    assert "1024" in assert_error(response, 400, param="prompt")["message"]
+    response = post(server, "/completions", {"prompt": [[5, 6]] * 2000, "max_tokens": 1})
+    assert_error(response, 400, param="prompt")
+    reply = post(server, "/completions", {"prompt": ["a", "b"], "n": 3, "max_tokens": 1})
+    assert reply.status_code == 200 and len(reply.json()["choices"]) == 6
+
+
 def test_a_body_that_is_not_an_object_is_400(server):
     for content in (b"[1, 2]", b'"hi"', b"null"):
         response = post(server, "/chat/completions", content=content,
