@@ -7,7 +7,6 @@ The HTTP socket opens at once and the model loads in the background, so /health 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -25,6 +24,7 @@ from rillm import __version__
 from rillm.engine.async_engine import AsyncEngine
 from rillm.server.config import ServerConfig
 from rillm.server.errors import APIError, install_error_handlers
+from rillm.server.gate import RequestGate
 from rillm.server.metrics import make_registry, metrics_text
 from rillm.server.protocol import (
     ChatCompletionRequest,
@@ -80,25 +80,14 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     app = FastAPI(title="rillm", version=__version__, lifespan=lifespan)
     app.state.rillm = state
     install_error_handlers(app)
+    app.add_middleware(RequestGate, api_key=config.api_key,
+                       max_body_bytes=config.max_request_body_bytes)
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                            allow_methods=["*"], allow_headers=["*"])
 
-    expected_key = (config.api_key or "").encode("utf-8")
-
-    async def require_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        # Compared as bytes: a header is latin-1 text (any byte), which compare_digest refuses
-        # as a str once it is not ASCII.
-        sent = token.strip().encode("latin-1", "replace")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, expected_key):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                           code="invalid_api_key")
-
-    secured = [Depends(require_key)]
+    # The API key is checked by RequestGate (rillm/server/gate.py), before any body is read,
+    # on the routes `gate.guarded` names.
 
     page = (Path(__file__).parent / "static" / "index.html").read_bytes()
 
@@ -124,7 +113,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.get("/v1/models", dependencies=secured)
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         max_len = state.engine.max_model_len if state.engine else None
         return {"object": "list", "data": [
@@ -133,27 +122,27 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
             for name in config.served_model_names
         ]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=secured)
+    @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         state.check_model(model_id)
         return {"id": model_id, "object": "model", "created": int(state.started),
                 "owned_by": "rillm"}
 
-    @app.post("/v1/chat/completions", dependencies=secured)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         from rillm.server.chat import create_chat_completion
 
         return await _generation(state, request, lambda engine: create_chat_completion(
             state, engine, body, request))
 
-    @app.post("/v1/completions", dependencies=secured)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         from rillm.server.completions import create_completion
 
         return await _generation(state, request, lambda engine: create_completion(
             state, engine, body, request))
 
-    @app.post("/tokenize", dependencies=secured)
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         from rillm.server.chat import render_chat
         from rillm.server.chat_output import template_kwargs
@@ -172,7 +161,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
-    @app.post("/detokenize", dependencies=secured)
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         engine = state.ready_engine()
         state.check_model(body.model)

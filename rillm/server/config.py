@@ -8,6 +8,9 @@ from typing import Any
 from rillm.parsers.reasoning import REASONING_PARSERS
 from rillm.parsers.tool_calls import TOOL_CALL_PARSERS
 
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+"""--max-request-body-bytes: 8 MiB, some 2 million tokens of text or ~1 million token ids."""
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -24,6 +27,8 @@ class ServerConfig:
     """Requests allowed to wait beyond max_num_seqs before new ones get a 429."""
     chat_template: str | None = None
     """Overrides the model's chat template."""
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """A body over this is a 413, refused before it is read (rillm/server/gate.py)."""
     trust_request_chat_template: bool = False
     """Whether a request may bring its own `chat_template` (it runs on the server; vLLM's
     flag of the same name). Off: such a request is a 400."""
@@ -49,5 +54,7 @@ class ServerConfig:
             raise ValueError("stream_interval must be at least 1")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise ValueError("max_queued_requests must be non-negative")
+        if self.max_request_body_bytes < 1024:
+            raise ValueError("max_request_body_bytes must be at least 1024")
         if self.keepalive_interval <= 0:
             raise ValueError("keepalive_interval must be positive")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 
 import httpx
@@ -183,6 +184,49 @@ def test_a_non_ascii_key_is_401_not_500(guarded_server):
     for raw in sent:
         response = httpx.get(url, headers=[(b"authorization", raw)], timeout=30)
         assert_error(response, 401, code="invalid_api_key")
+
+
+def raw_request(server, head: str, timeout: float = 10) -> bytes:
+    """Send request headers alone (a body announced but never sent) and read the answer: one
+    the server gives before reading the body."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head.encode("latin-1"))
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def test_no_key_no_body_read(guarded_server):
+    """The key is checked before the body: a 10 GB body announced without a key is a 401 at
+    once (the server would otherwise wait for it)."""
+    answer = raw_request(guarded_server, "POST /v1/chat/completions HTTP/1.1\r\n"
+                         "Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 10000000000\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 401") and b"invalid_api_key" in answer
+
+
+def test_a_body_over_the_bound_is_413_before_it_is_read(server):
+    answer = raw_request(server, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 9000000\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413") and b"body_too_large" in answer
+
+
+def test_a_chunked_body_is_cut_off_at_the_bound(server):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(9):
+            yield b"x" * (1024 * 1024)
+        yield b'", "max_tokens": 1}'
+
+    response = httpx.post(f"{server.v1}/completions", content=chunks(), timeout=60,
+                          headers={"content-type": "application/json"})
+    assert_error(response, 413, code="body_too_large")
+    assert post(server, "/completions", {"prompt": "hi", "max_tokens": 1}).status_code == 200
 
 
 def test_sdk_with_the_key_and_a_served_name(guarded_server):
