@@ -82,6 +82,9 @@ class AsyncEngine:
         """Request id -> where its outputs go. Touched only by the loop thread."""
         self._stopping = False
         self.error: BaseException | None = None
+        self.on_death: Callable[[BaseException], None] | None = None
+        """Called once, on the loop thread, when the loop crashes (after every waiter has
+        heard): the server ends the process so that a supervisor restarts it."""
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         if isinstance(engine, LLMEngine):
@@ -217,6 +220,8 @@ class AsyncEngine:
             dead = EngineDeadError(f"the engine stopped: {exc!r}")
             self._deliver([(request_id, dead, True) for request_id in self._routes])
             self._fail_inbox(dead)
+            if self.on_death is not None:
+                self.on_death(exc)
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -231,7 +236,10 @@ class AsyncEngine:
                 self._routes[request_id] = (loop, mailbox)
                 try:
                     self.engine.add_request(request_id, prompt_ids, params, prompt, max_tokens)
-                except ValueError as exc:
+                except Exception as exc:  # noqa: BLE001 - that request's failure, not the loop's
+                    if not isinstance(exc, ValueError):
+                        logger.exception("request %s could not be added", request_id)
+                    self.engine.abort_request(request_id)  # whatever part of it got in
                     self._deliver([(request_id, exc, True)])
             elif kind == "abort":
                 self.engine.abort_request(message[1])

@@ -68,6 +68,8 @@ class ServerState:
 def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
                state: ServerState | None = None) -> FastAPI:
     state = state or ServerState(config)
+    if state.engine is not None:
+        _watch(state, state.engine)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -197,5 +199,17 @@ async def _load(state: ServerState, load_engine: Callable[[], AsyncEngine]) -> N
         if state.on_failure is not None:
             state.on_failure(state.load_error)
         return
+    _watch(state, state.engine)
     if state.on_ready is not None:
         state.on_ready()
+
+
+def _watch(state: ServerState, engine: AsyncEngine) -> None:
+    """A crashed engine ends the server (`on_failure`: `rillm serve` then exits 1, so that a
+    supervisor restarts it) once every stream has been told; /health answers 503 meanwhile."""
+
+    def died(exc: BaseException) -> None:
+        if state.on_failure is not None:
+            state.on_failure(f"the engine stopped: {exc!r}; exiting so that it can be restarted")
+
+    engine.on_death = died

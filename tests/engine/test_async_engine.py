@@ -154,3 +154,55 @@ def test_a_factory_that_fails_raises_from_the_constructor():
 
     with pytest.raises(ValueError, match="no such model"):
         AsyncEngine(build)
+
+
+def test_a_request_that_fails_to_be_added_fails_alone(make_engine, smollm_tokenizer):
+    """Anything add_request raises (not only a validation error) is that request's failure:
+    the loop, and every other request, go on."""
+    llm_engine = make_engine()
+    add = llm_engine.add_request
+
+    def add_request(request_id, *args, **kwargs):
+        add(request_id, *args, **kwargs)  # half-added, then it breaks
+        if request_id == "bad":
+            raise RuntimeError("simulated failure while adding")
+
+    llm_engine.add_request = add_request  # type: ignore[method-assign]
+    async_engine = AsyncEngine(llm_engine)
+    deaths = []
+    async_engine.on_death = deaths.append
+    ids = chat_ids(smollm_tokenizer, "Hi")
+
+    async def main():
+        good = asyncio.create_task(collect(async_engine, ids, GREEDY, "good"))
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            await collect(async_engine, ids, GREEDY, "bad")
+        return await good
+
+    try:
+        deltas = asyncio.run(main())
+        assert deltas[-1].finished and async_engine.is_running and not deaths
+        wait_idle(async_engine)  # the half-added request's blocks are free again
+    finally:
+        async_engine.shutdown()
+
+
+def test_a_crashed_loop_calls_on_death_once(make_engine, smollm_tokenizer):
+    llm_engine = make_engine()
+
+    def failing_step():
+        raise RuntimeError("simulated device failure")
+
+    llm_engine.step = failing_step  # type: ignore[method-assign]
+    async_engine = AsyncEngine(llm_engine)
+    deaths = []
+    async_engine.on_death = deaths.append
+
+    async def main():
+        with pytest.raises(Exception, match="simulated device failure"):
+            await collect(async_engine, chat_ids(smollm_tokenizer, "Hi"), GREEDY, "r")
+
+    asyncio.run(main())
+    async_engine._thread.join(timeout=10)
+    assert [str(e) for e in deaths] == ["simulated device failure"]
+    assert not async_engine.is_running

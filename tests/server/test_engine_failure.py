@@ -1,5 +1,6 @@
 """An error after the stream began reaches the client as an error event, then [DONE]; the
-server then reports itself unhealthy instead of hanging. In-process, on a real engine whose
+server then reports itself unhealthy and asks to be stopped (`rillm serve` exits 1, for a
+supervisor to restart it) instead of hanging. In-process, on a real engine whose
 model step is made to fail mid-stream."""
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def test_engine_failure_mid_stream_ends_the_stream_with_an_error(make_engine):
     async_engine = AsyncEngine(engine)
     config = ServerConfig(served_model_names=("m",))
     state = ServerState(config, engine=async_engine)
+    failures: list[str] = []
+    state.on_failure = failures.append  # what `rillm serve` wires to stopping with exit code 1
     app = create_app(config, lambda: async_engine, state)
 
     async def main():
@@ -55,3 +58,4 @@ def test_engine_failure_mid_stream_ends_the_stream_with_an_error(make_engine):
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert health.status_code == 503
     assert after.status_code == 503 and "error" in after.json()
+    assert len(failures) == 1 and "simulated device failure" in failures[0]
