@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' (default: $RILLM_API_KEY)")
     serve.add_argument("--chat-template", default=None,
                        help="a Jinja chat template, or a file holding one")
+    serve.add_argument("--allowed-hosts", nargs="*", default=[], metavar="HOST",
+                       help="Host names to answer besides localhost / 127.0.0.1 / ::1 when "
+                            "--host is a loopback address (a proxy's public name)")
     serve.add_argument("--max-request-body-bytes", type=int, default=None, metavar="BYTES",
                        help="a request body over this is a 413, refused before it is read "
                             "(default 8 MiB)")
@@ -291,6 +294,7 @@ def run_serve(args: argparse.Namespace) -> int:
             stream_interval=args.stream_interval, allowed_origins=tuple(args.allowed_origins),
             max_queued_requests=args.max_queued_requests, chat_template=template,
             trust_request_chat_template=args.trust_request_chat_template,
+            allowed_hosts=tuple(args.allowed_hosts),
             **({"max_request_body_bytes": args.max_request_body_bytes}
                if args.max_request_body_bytes is not None else {}),
             keepalive_interval=args.keepalive_interval,

@@ -24,7 +24,7 @@ from rillm import __version__
 from rillm.engine.async_engine import AsyncEngine
 from rillm.server.config import ServerConfig
 from rillm.server.errors import APIError, install_error_handlers
-from rillm.server.gate import RequestGate
+from rillm.server.gate import RequestGate, allowed_hosts
 from rillm.server.metrics import make_registry, metrics_text
 from rillm.server.protocol import (
     ChatCompletionRequest,
@@ -79,11 +79,15 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown)
 
-    app = FastAPI(title="rillm", version=__version__, lifespan=lifespan)
+    # No Swagger UI / ReDoc: their pages load JavaScript from a CDN on the origin whose chat page
+    # keeps the API key. The schema stays at /openapi.json (behind the key when one is set).
+    app = FastAPI(title="rillm", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.state.rillm = state
     install_error_handlers(app)
     app.add_middleware(RequestGate, api_key=config.api_key,
-                       max_body_bytes=config.max_request_body_bytes)
+                       max_body_bytes=config.max_request_body_bytes,
+                       hosts=allowed_hosts(config.host, config.allowed_hosts))
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                            allow_methods=["*"], allow_headers=["*"])
@@ -102,7 +106,10 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     async def health() -> Response:
         if state.engine is not None and state.engine.is_running:
             return Response(status_code=200)
-        reason = state.load_error or ("loading" if state.engine is None else "engine stopped")
+        # No details here (a load error names files): the operator has them on stderr, a client
+        # with the key in the 503 of any /v1 request.
+        reason = "load failed" if state.load_error else (
+            "loading" if state.engine is None else "engine stopped")
         return JSONResponse({"status": reason}, status_code=503)
 
     registry = make_registry(state)

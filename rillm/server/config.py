@@ -27,6 +27,9 @@ class ServerConfig:
     """Requests allowed to wait beyond max_num_seqs before new ones get a 429."""
     chat_template: str | None = None
     """Overrides the model's chat template."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names answered besides the loopback ones, on a loopback --host (a reverse proxy's
+    public name); any name is answered on another --host."""
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     """A body over this is a 413, refused before it is read (rillm/server/gate.py)."""
     trust_request_chat_template: bool = False

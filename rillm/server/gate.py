@@ -1,11 +1,16 @@
-"""What every HTTP request passes before the app reads a byte of its body: the API key (on the
-routes it guards) and the body-size bound.
+"""What every HTTP request passes before the app reads a byte of its body: the Host header, the
+API key (on the routes it guards) and the body-size bound.
 
 A pure ASGI middleware, because FastAPI reads and parses a route's body before its
 dependencies run: checked there, anyone without a key could make the server parse a
 multi-gigabyte body. Here the key is checked from the headers alone, a declared
 Content-Length over the bound is refused at once, and a body sent in chunks (no length) is
 counted as it arrives and cut off at the bound.
+
+The Host check is the defence against DNS rebinding: a web page whose name an attacker
+re-points at 127.0.0.1 reaches a loopback server from the visitor's browser, with its own
+name in the Host header. A server on a loopback address answers only the loopback names
+(and what `--allowed-hosts` adds).
 """
 
 from __future__ import annotations
@@ -24,10 +29,30 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def allowed_hosts(host: str, extra: tuple[str, ...] = ()) -> frozenset[str] | None:
+    """The Host names a server bound to `host` answers; None: any (a server bound to every
+    interface, or to one address that other machines reach it by)."""
+    if host in LOOPBACK_NAMES or host.startswith("127."):
+        return LOOPBACK_NAMES | {host} | {name.lower() for name in extra}
+    return None
+
+
+def host_name(header: str) -> str:
+    """`name:port`, `[v6]:port` or `name` -> the name (lower case, no brackets)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
 def guarded(path: str) -> bool:
-    """The routes an API key protects: the OpenAI API and (de)tokenize. /health, /metrics,
-    /version and the chat page stay open."""
-    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+    """The routes an API key protects: the OpenAI API, (de)tokenize, the metrics and the API
+    schema. /health, /version and the chat page stay open."""
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/metrics",
+                                               "/openapi.json")
 
 
 def key_matches(header: str, expected: bytes) -> bool:
@@ -39,8 +64,10 @@ def key_matches(header: str, expected: bytes) -> bool:
 
 
 class RequestGate:
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
+                 hosts: frozenset[str] | None = None) -> None:
         self.app = app
+        self.hosts = hosts
         self.api_key = api_key.encode("utf-8") if api_key is not None else None
         self.max_body_bytes = max_body_bytes
 
@@ -49,6 +76,13 @@ class RequestGate:
             await self.app(scope, receive, send)
             return
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
+        host = headers.get(b"host")
+        if self.hosts is not None and host is not None \
+                and host_name(host.decode("latin-1")) not in self.hosts:
+            await _refuse(scope, receive, send, APIError(
+                400, "this server does not answer to that Host name (it listens on a loopback "
+                "address; --allowed-hosts adds names)", code="host_not_allowed"))
+            return
         if (self.api_key is not None and scope.get("method") != "OPTIONS"
                 and guarded(scope.get("path", ""))
                 and not key_matches(headers.get(b"authorization", b"").decode("latin-1"),

@@ -36,7 +36,7 @@ def test_engine_failure_mid_stream_ends_the_stream_with_an_error(make_engine):
 
     async def main():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             response = await client.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "Hi"}], "stream": True,
                 "max_tokens": 20, "ignore_eos": True})

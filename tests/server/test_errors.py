@@ -229,6 +229,29 @@ def test_a_chunked_body_is_cut_off_at_the_bound(server):
     assert post(server, "/completions", {"prompt": "hi", "max_tokens": 1}).status_code == 200
 
 
+def test_metrics_and_schema_need_the_key_and_there_is_no_swagger_page(guarded_server):
+    base = guarded_server.base_url
+    for path in ("/metrics", "/openapi.json"):
+        assert_error(httpx.get(base + path, timeout=10), 401, code="invalid_api_key")
+        assert httpx.get(base + path, headers=guarded_server.headers(),
+                         timeout=10).status_code == 200
+    for path in ("/docs", "/redoc"):
+        assert httpx.get(base + path, headers=guarded_server.headers(),
+                         timeout=10).status_code == 404
+    assert httpx.get(base + "/health", timeout=10).status_code == 200
+
+
+def test_a_loopback_server_answers_only_loopback_host_names(server):
+    """DNS rebinding: a page at evil.example re-pointed at 127.0.0.1 sends its own name."""
+    port = server.base_url.rsplit(":", 1)[1]
+    url = server.v1 + "/models"
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.2.nip.io"):
+        response = httpx.get(url, headers={"Host": host}, timeout=10)
+        assert_error(response, 400, code="host_not_allowed")
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST"):
+        assert httpx.get(url, headers={"Host": host}, timeout=10).status_code == 200
+
+
 def test_sdk_with_the_key_and_a_served_name(guarded_server):
     client = OpenAI(api_key="sesame", base_url=guarded_server.v1)
     assert [m.id for m in client.models.list().data] == ["house-model", "smol"]
@@ -252,7 +275,8 @@ def test_full_queue_answers_429_with_retry_after(guarded_server):
         t.start()
     try:
         deadline = 50
-        while deadline and httpx.get(f"{guarded_server.base_url}/metrics", timeout=5).text.find(
+        while deadline and httpx.get(f"{guarded_server.base_url}/metrics", timeout=5,
+                                     headers=guarded_server.headers()).text.find(
                 "rillm:num_http_requests_active 2.0") < 0:
             deadline -= 1
             threading.Event().wait(0.1)
