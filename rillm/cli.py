@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-hosts", nargs="*", default=[], metavar="HOST",
                        help="Host names to answer besides localhost / 127.0.0.1 / ::1 when "
                             "--host is a loopback address (a proxy's public name)")
+    serve.add_argument("--grammar-compile-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="a structured-outputs grammar that takes longer to compile is "
+                            "the request's 400")
     serve.add_argument("--max-request-body-bytes", type=int, default=None, metavar="BYTES",
                        help="a request body over this is a 413, refused before it is read "
                             "(default 8 MiB)")
@@ -295,6 +298,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_queued_requests=args.max_queued_requests, chat_template=template,
             trust_request_chat_template=args.trust_request_chat_template,
             allowed_hosts=tuple(args.allowed_hosts),
+            grammar_compile_timeout=args.grammar_compile_timeout,
             **({"max_request_body_bytes": args.max_request_body_bytes}
                if args.max_request_body_bytes is not None else {}),
             keepalive_interval=args.keepalive_interval,

@@ -16,6 +16,10 @@ from typing import Any
 
 from rillm.sampling_params import InvalidParameterError
 
+MAX_CONSTRAINT_CHARS = 65536
+"""The longest constraint a request may send (a JSON schema as JSON text, a regex, a grammar,
+the choices together): compile time and the compiled grammar's size grow with it."""
+
 
 @dataclass(frozen=True)
 class StructuredOutputsParams:
@@ -49,6 +53,11 @@ class StructuredOutputsParams:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and value):
                 raise InvalidParameterError(f"{self.param}.{name}", "must be a non-empty string")
+        size = len(self.key[1])
+        if size > MAX_CONSTRAINT_CHARS:
+            raise InvalidParameterError(
+                f"{self.param}.{self.kind}" if self.param == "structured_outputs" else self.param,
+                f"is {size} characters; at most {MAX_CONSTRAINT_CHARS}")
 
     @property
     def kind(self) -> str:

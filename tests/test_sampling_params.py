@@ -38,3 +38,14 @@ def test_stop_accepts_a_string_or_a_list():
     assert SamplingParams(stop="x").stop_strings == ("x",)
     assert SamplingParams(stop=["a", "b"]).stop_strings == ("a", "b")
     assert SamplingParams().stop_strings == ()
+
+
+def test_a_constraint_is_bounded_in_size():
+    from rillm.structured_outputs import MAX_CONSTRAINT_CHARS, StructuredOutputsParams
+
+    with pytest.raises(InvalidParameterError, match="at most") as error:
+        StructuredOutputsParams(regex="a" * (MAX_CONSTRAINT_CHARS + 1))
+    assert error.value.param == "structured_outputs.regex"
+    with pytest.raises(InvalidParameterError, match="at most"):
+        StructuredOutputsParams(choice=["x" * 1000] * 70, param="response_format")
+    assert StructuredOutputsParams(regex="a" * 1000).regex

@@ -14,7 +14,9 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -22,9 +24,13 @@ from rillm.config import EngineConfig
 from rillm.engine.llm_engine import LLMEngine
 from rillm.kernels.plan import KernelPlan
 from rillm.outputs import RequestOutput, merge_outputs
-from rillm.sampling_params import SamplingParams
+from rillm.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+GRAMMAR_COMPILE_TIMEOUT_S = 10.0
+"""How long a request's grammar may take to compile before the request is a 400 (the server's
+--grammar-compile-timeout)."""
 
 
 class EngineDeadError(RuntimeError):
@@ -70,6 +76,31 @@ class _Mailbox:
         return item
 
 
+class _DaemonWorker:
+    """One daemon thread running submitted calls in order: unlike a ThreadPoolExecutor's, it
+    never holds up the process's exit (a grammar compile that runs away cannot be stopped)."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple]] = \
+            queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - the submitter's to handle
+                future.set_exception(exc)
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
         """`engine`, or a function that builds one: it is then called on the loop thread (and
@@ -82,6 +113,8 @@ class AsyncEngine:
         """Request id -> where its outputs go. Touched only by the loop thread."""
         self._stopping = False
         self.error: BaseException | None = None
+        self.grammar_compile_timeout = GRAMMAR_COMPILE_TIMEOUT_S
+        self._compile_pool = _DaemonWorker("rillm-grammar")
         self.on_death: Callable[[BaseException], None] | None = None
         """Called once, on the loop thread, when the loop crashes (after every waiter has
         heard): the server ends the process so that a supervisor restarts it."""
@@ -138,11 +171,25 @@ class AsyncEngine:
     async def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> int:
         """The engine's admission checks, for a caller to run once before it answers: the
         resolved max_tokens, to hand to `generate`. Raises InvalidParameterError naming the
-        parameter. A structured-outputs grammar compiles on a worker thread (into xgrammar's
-        thread-safe cache), not on the event loop."""
-        if params.structured_outputs is None:
+        parameter. A structured-outputs grammar compiles off the event loop, on the one
+        compile thread (xgrammar's own two threads under it: a burst of schemas queues there
+        instead of taking every core), into xgrammar's thread-safe cache; a compile that takes
+        over `grammar_compile_timeout` seconds is the request's 400 (it runs on, in the
+        background, and lands in the cache)."""
+        spec = params.structured_outputs
+        if spec is None:
             return self.engine.validate(prompt_token_ids, params)
-        return await asyncio.to_thread(self.engine.validate, prompt_token_ids, params)
+        loop = asyncio.get_running_loop()
+        work = asyncio.wrap_future(
+            self._compile_pool.submit(self.engine.validate, prompt_token_ids, params), loop=loop)
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), self.grammar_compile_timeout)
+        except TimeoutError:
+            param = f"{spec.param}.{spec.kind}" if spec.param == "structured_outputs" \
+                else spec.param
+            raise InvalidParameterError(
+                param, f"took longer than {self.grammar_compile_timeout:g} s to compile"
+            ) from None
 
     def stats(self) -> EngineStats:
         """A snapshot read across threads: good for monitoring, not for decisions."""

@@ -23,6 +23,11 @@ _LOCATION = re.compile(r"^\[[\d:]+\] \S+?:\d+: ")
 """xgrammar's messages start with "[time] file.cc:line: "; users need only the rest."""
 
 
+CACHE_LIMIT_BYTES = 256 * 1024 * 1024
+"""xgrammar's cache of compiled grammars, least recently used out first: without a limit every
+distinct schema a client sends stays in memory for good."""
+
+
 class GrammarCompiler:
     """Compiles constraints for one tokenizer; xgrammar is imported and its vocabulary index
     built on first use, so servers that never see a constraint never pay for it."""
@@ -43,7 +48,8 @@ class GrammarCompiler:
                     self._tokenizer, vocab_size=self.vocab_size,
                     stop_token_ids=self._stop_token_ids,
                 )
-                self._compiler = xgrammar.GrammarCompiler(info, max_threads=2)
+                self._compiler = xgrammar.GrammarCompiler(
+                    info, max_threads=2, cache_limit_bytes=CACHE_LIMIT_BYTES)
             return self._compiler
 
     def compile(self, spec: StructuredOutputsParams) -> Any:

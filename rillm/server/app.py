@@ -212,11 +212,13 @@ async def _load(state: ServerState, load_engine: Callable[[], AsyncEngine]) -> N
 
 
 def _watch(state: ServerState, engine: AsyncEngine) -> None:
-    """A crashed engine ends the server (`on_failure`: `rillm serve` then exits 1, so that a
-    supervisor restarts it) once every stream has been told; /health answers 503 meanwhile."""
+    """The server's hold on its engine: its grammar compile timeout, and a crashed engine ends
+    the server (`on_failure`: `rillm serve` then exits 1, so that a supervisor restarts it)
+    once every stream has been told; /health answers 503 meanwhile."""
 
     def died(exc: BaseException) -> None:
         if state.on_failure is not None:
             state.on_failure(f"the engine stopped: {exc!r}; exiting so that it can be restarted")
 
     engine.on_death = died
+    engine.grammar_compile_timeout = state.config.grammar_compile_timeout

@@ -30,6 +30,8 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     """Host names answered besides the loopback ones, on a loopback --host (a reverse proxy's
     public name); any name is answered on another --host."""
+    grammar_compile_timeout: float = 10.0
+    """Seconds a request's structured-outputs grammar may take to compile (then a 400)."""
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     """A body over this is a 413, refused before it is read (rillm/server/gate.py)."""
     trust_request_chat_template: bool = False
@@ -59,5 +61,7 @@ class ServerConfig:
             raise ValueError("max_queued_requests must be non-negative")
         if self.max_request_body_bytes < 1024:
             raise ValueError("max_request_body_bytes must be at least 1024")
+        if self.grammar_compile_timeout <= 0:
+            raise ValueError("grammar_compile_timeout must be positive")
         if self.keepalive_interval <= 0:
             raise ValueError("keepalive_interval must be positive")

@@ -206,3 +206,22 @@ def test_a_crashed_loop_calls_on_death_once(make_engine, smollm_tokenizer):
     async_engine._thread.join(timeout=10)
     assert [str(e) for e in deaths] == ["simulated device failure"]
     assert not async_engine.is_running
+
+
+def test_a_grammar_that_compiles_too_slowly_is_that_requests_400(engine, smollm_tokenizer):
+    """The compile runs on the engine's one compile thread; past the timeout the request is
+    refused (the compile finishes in the background, into the cache)."""
+    from rillm.structured_outputs import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"slow": {"type": "integer"}}}
+    params = SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(
+        json=schema))
+    ids = chat_ids(smollm_tokenizer, "Hi")
+    engine.grammar_compile_timeout = 1e-4
+    try:
+        with pytest.raises(InvalidParameterError, match="longer than") as error:
+            asyncio.run(engine.validate(ids, params))
+        assert error.value.param == "structured_outputs.json"
+    finally:
+        engine.grammar_compile_timeout = 10.0
+    assert asyncio.run(engine.validate(ids, params)) == 8
