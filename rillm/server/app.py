@@ -26,6 +26,7 @@ from rillm.server.config import ServerConfig
 from rillm.server.errors import APIError, install_error_handlers
 from rillm.server.gate import RequestGate, allowed_hosts
 from rillm.server.metrics import make_registry, metrics_text
+from rillm.server.offload import decode, encode
 from rillm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -153,7 +154,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        from rillm.server.chat import render_chat
+        from rillm.server.chat import render_chat_off_loop
         from rillm.server.chat_output import template_kwargs
 
         engine = state.ready_engine()
@@ -162,12 +163,13 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            text = render_chat(state, engine, body.messages, body.add_generation_prompt,
-                               body.chat_template, body.tools,
-                               template_kwargs(state.config, body))
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            text = await render_chat_off_loop(
+                state, engine, body.messages, body.add_generation_prompt, body.chat_template,
+                body.tools, template_kwargs(state.config, body))
+            ids = await encode(tokenizer, text, add_special_tokens=False)
         else:
-            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            assert body.prompt is not None  # exactly one of the two, checked above
+            ids = await encode(tokenizer, body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")
@@ -177,7 +179,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         vocab = engine.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens)}
+        return {"prompt": await decode(engine.tokenizer, body.tokens)}
 
     return app
 

@@ -18,6 +18,7 @@ from rillm.sampling_params import MAX_LOGPROBS
 from rillm.server.chat_output import ChatOutputPlan, plan_chat_output, template_kwargs
 from rillm.server.errors import APIError
 from rillm.server.generation import Generation, admit, error_event, run_until_disconnect
+from rillm.server.offload import INLINE_CHARS, encode, off_loop
 from rillm.server.params import sampling_params, structured_outputs
 from rillm.server.protocol import ChatCompletionRequest, ChatMessage, Tool
 from rillm.server.sse import DONE, KEEPALIVE
@@ -61,6 +62,17 @@ def render_chat(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage]
     return str(text)
 
 
+async def render_chat_off_loop(state: Any, engine: AsyncEngine,
+                               messages: Sequence[ChatMessage], add_generation_prompt: bool,
+                               chat_template: str | None, tools: Sequence[Tool] | None = None,
+                               template_kwargs: dict[str, Any] | None = None) -> str:
+    """`render_chat` on a worker thread where the work may be large: a request's own template
+    (loops the server does not know), or long messages."""
+    large = chat_template is not None or sum(len(m.text()) for m in messages) > INLINE_CHARS
+    return await off_loop(large, render_chat, state, engine, messages, add_generation_prompt,
+                          chat_template, tools, template_kwargs)
+
+
 def _template_message(message: ChatMessage) -> dict[str, Any]:
     entry: dict[str, Any] = {"role": message.role, "content": message.text()}
     if message.name is not None:
@@ -90,9 +102,9 @@ async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatComp
                                  request: Request) -> Response:
     state.check_model(body.model)
     kwargs = template_kwargs(state.config, body)
-    text = render_chat(state, engine, body.messages, body.add_generation_prompt,
-                       body.chat_template, body.tools, kwargs)
-    prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    text = await render_chat_off_loop(state, engine, body.messages, body.add_generation_prompt,
+                                      body.chat_template, body.tools, kwargs)
+    prompt_ids = await encode(engine.tokenizer, text, add_special_tokens=False)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens

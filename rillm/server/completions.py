@@ -14,6 +14,7 @@ from rillm.outputs import Logprob, RequestOutput
 from rillm.sampling_params import MAX_LOGPROBS
 from rillm.server.errors import APIError
 from rillm.server.generation import Generation, admit, error_event, run_until_disconnect
+from rillm.server.offload import encode, encode_all
 from rillm.server.params import sampling_params, structured_outputs
 from rillm.server.protocol import CompletionRequest
 from rillm.server.sse import DONE, KEEPALIVE
@@ -27,13 +28,13 @@ MAX_SEQUENCES = 1024
 small request could queue ~128,000 of them (and tokenize its whole list on the event loop)."""
 
 
-def _prompts(engine: AsyncEngine, prompt: Any) -> list[list[int]]:
+async def _prompts(engine: AsyncEngine, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [engine.tokenizer.encode(prompt)]
+        return [await encode(engine.tokenizer, prompt)]
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if isinstance(prompt[0], str):
-        return [engine.tokenizer.encode(p) for p in prompt]
+        return await encode_all(engine.tokenizer, prompt)
     if isinstance(prompt[0], int):
         return [list(prompt)]
     return [list(p) for p in prompt]
@@ -53,7 +54,7 @@ async def create_completion(state: Any, engine: AsyncEngine, body: CompletionReq
     if count * body.n > MAX_SEQUENCES:
         raise APIError(400, f"{count} prompts x n={body.n} is more than the {MAX_SEQUENCES} "
                        "sequences one request may start", param="prompt")
-    prompts = _prompts(engine, body.prompt)
+    prompts = await _prompts(engine, body.prompt)
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     if max_tokens < 1:
         raise APIError(400, "max_tokens must be at least 1", param="max_tokens")

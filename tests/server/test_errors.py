@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 
 import httpx
 import openai
@@ -117,6 +118,33 @@ def test_a_prompt_list_times_n_is_bounded(server):
     assert_error(response, 400, param="prompt")
     reply = post(server, "/completions", {"prompt": ["a", "b"], "n": 3, "max_tokens": 1})
     assert reply.status_code == 200 and len(reply.json()["choices"]) == 6
+
+
+def test_a_huge_prompt_is_tokenized_off_the_event_loop(server):
+    """4 MiB of text takes seconds to tokenize: meanwhile the server keeps answering (before,
+    /health waited for the whole of it). The prompt is then over the context: a 400."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * (4 * 1024 * 1024 // 45)
+    finished = []
+
+    def send():
+        response = post(server, "/completions", {"prompt": prompt, "max_tokens": 1})
+        finished.append((time.monotonic(), response))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(0.3)  # the body is up and being tokenized
+    answered = []
+    while sender.is_alive() and len(answered) < 20:
+        start = time.monotonic()
+        assert httpx.get(f"{server.base_url}/health", timeout=30).status_code == 200
+        answered.append((start, time.monotonic() - start))
+        time.sleep(0.05)
+    sender.join()
+    done_at, response = finished[0]
+    assert_error(response, 400, param="prompt")
+    during = [took for start, took in answered if start < done_at - 0.2]
+    assert during, "the prompt was tokenized too fast to observe"
+    assert max(during) < 1.0, during
 
 
 def test_a_body_that_is_not_an_object_is_400(server):
