@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 
@@ -47,6 +48,34 @@ class RequestOutput:
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache instead of being computed."""
     metrics: dict[str, float] = field(default_factory=dict, compare=False)
+
+
+def merge_all(outputs: Sequence[RequestOutput]) -> RequestOutput:
+    """Consecutive deltas of one request as one delta: what merging them pairwise in order
+    gives, with each choice's text and tokens joined once (pairwise, a stream nobody reads
+    would re-join all its pending text on every step)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    parts: dict[int, list[CompletionOutput]] = {}
+    for output in outputs:
+        for c in output.outputs:
+            parts.setdefault(c.index, []).append(c)
+    merged = []
+    for index in sorted(parts):
+        pieces = parts[index]
+        last = pieces[-1]
+        logprobs = None
+        if any(p.logprobs is not None for p in pieces):
+            logprobs = tuple(entry for p in pieces for entry in (p.logprobs or ()))
+        merged.append(CompletionOutput(
+            index=index,
+            text="".join(p.text for p in pieces),
+            token_ids=tuple(t for p in pieces for t in p.token_ids),
+            logprobs=logprobs,
+            finish_reason=last.finish_reason,
+            stop_reason=last.stop_reason,
+        ))
+    return replace(outputs[-1], outputs=tuple(merged))
 
 
 def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from rillm.config import EngineConfig
 from rillm.engine.llm_engine import LLMEngine
 from rillm.kernels.plan import KernelPlan
-from rillm.outputs import RequestOutput, merge_outputs
+from rillm.outputs import RequestOutput, merge_all
 from rillm.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -55,25 +55,32 @@ def _put_all(batch: list[tuple[str, _Mailbox, _Item]]) -> None:
 
 
 class _Mailbox:
-    """One request's outputs, merged while unread. Lives on the event loop thread."""
+    """One request's outputs, merged while unread (once, when read: a delta a step appended,
+    so a stream nobody reads costs a step O(1), not a re-join of all its text). An error
+    replaces whatever is pending. Lives on the event loop thread."""
 
     def __init__(self) -> None:
-        self._pending: RequestOutput | BaseException | None = None
+        self._pending: list[RequestOutput] = []
+        self._error: BaseException | None = None
         self._ready = asyncio.Event()
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        if isinstance(self._pending, RequestOutput) and isinstance(item, RequestOutput):
-            self._pending = merge_outputs(self._pending, item)
-        elif not isinstance(self._pending, BaseException):
-            self._pending = item
+        if isinstance(item, BaseException):
+            if self._error is None:
+                self._error, self._pending = item, []
+        elif self._error is None:
+            self._pending.append(item)
         self._ready.set()
 
     async def get(self) -> RequestOutput | BaseException:
         await self._ready.wait()
         self._ready.clear()
-        item, self._pending = self._pending, None
-        assert item is not None
-        return item
+        if self._error is not None:
+            error, self._error = self._error, None
+            return error
+        pending, self._pending = self._pending, []
+        assert pending
+        return merge_all(pending)
 
 
 class _DaemonWorker:

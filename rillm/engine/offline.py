@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from rillm.config import EngineConfig
 from rillm.engine.llm_engine import LLMEngine
-from rillm.outputs import RequestOutput, merge_outputs
+from rillm.outputs import RequestOutput, merge_all
 from rillm.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int] | Mapping[str, Any]
@@ -133,12 +133,11 @@ class LLM:
                 request_id = f"offline-{next(self._ids)}"
                 self.engine.add_request(request_id, token_ids, params, prompt=text)
                 ids.append(request_id)
-            results: dict[str, RequestOutput] = {}
+            deltas: dict[str, list[RequestOutput]] = {}
             while self.engine.has_unfinished_requests():
                 for delta in self.engine.step():
-                    prev = results.get(delta.request_id)
-                    merged = delta if prev is None else merge_outputs(prev, delta)
-                    results[delta.request_id] = merged
+                    deltas.setdefault(delta.request_id, []).append(delta)
+            results = {request_id: merge_all(d) for request_id, d in deltas.items()}
         except BaseException:
             self.engine.abort_request(ids)
             raise

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from rillm.engine.async_engine import AsyncEngine
-from rillm.outputs import CompletionOutput, Logprob, RequestOutput, merge_outputs
+from rillm.outputs import CompletionOutput, Logprob, RequestOutput, merge_all
 from rillm.sampling_params import InvalidParameterError, SamplingParams
 from rillm.server.errors import APIError
 from rillm.server.protocol import error_body
@@ -116,12 +116,9 @@ class Generation:
         """Every delta merged into one whole output."""
         self.state.num_active += 1
         try:
-            merged: RequestOutput | None = None
-            async for output in self.events():
-                if output is not None:
-                    merged = output if merged is None else merge_outputs(merged, output)
-            assert merged is not None
-            return merged
+            deltas = [output async for output in self.events() if output is not None]
+            assert deltas
+            return merge_all(deltas)  # joined once: pairwise is quadratic in the length
         finally:
             self.state.num_active -= 1
 
