@@ -33,6 +33,7 @@ from rillm.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from rillm.server.sse import EventStreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,9 @@ async def _generation(
     state: ServerState, request: Request,
     handler: Callable[[AsyncEngine], Awaitable[Response]],
 ) -> Response:
+    """Admission: the queue bound is checked and the request's place taken in one step (no
+    await between), so a burst cannot pass the check together; the place is given back when
+    the response is over (a stream's end, however it ends) or the handler fails."""
     engine = state.ready_engine()
     limit = state.config.max_queued_requests
     if limit is not None:
@@ -196,7 +200,25 @@ async def _generation(
             raise APIError(429, f"the server is busy: {max(waiting, 0)} requests are already "
                            "waiting; retry shortly", code="queue_full",
                            headers={"Retry-After": "1"})
-    return await handler(engine)
+    state.num_active += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            state.num_active -= 1
+
+    try:
+        response = await handler(engine)
+    except BaseException:
+        release()
+        raise
+    if isinstance(response, EventStreamResponse):
+        response.on_close = release
+    else:
+        release()
+    return response
 
 
 async def _load(state: ServerState, load_engine: Callable[[], AsyncEngine]) -> None:

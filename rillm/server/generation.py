@@ -59,15 +59,7 @@ class Generation:
         ]
 
     def stream_response(self, body: AsyncIterator[str]) -> EventStreamResponse:
-        return EventStreamResponse(self._counted(body))
-
-    async def _counted(self, body: AsyncIterator[str]) -> AsyncIterator[str]:
-        self.state.num_active += 1
-        try:
-            async for event in body:
-                yield event
-        finally:
-            self.state.num_active -= 1
+        return EventStreamResponse(body)
 
     async def events(self) -> AsyncIterator[RequestOutput | None]:
         """Deltas of every prompt, choice indices numbered prompt-major (prompt i, choice j ->
@@ -114,13 +106,9 @@ class Generation:
 
     async def collect(self) -> RequestOutput:
         """Every delta merged into one whole output."""
-        self.state.num_active += 1
-        try:
-            deltas = [output async for output in self.events() if output is not None]
-            assert deltas
-            return merge_all(deltas)  # joined once: pairwise is quadratic in the length
-        finally:
-            self.state.num_active -= 1
+        deltas = [output async for output in self.events() if output is not None]
+        assert deltas
+        return merge_all(deltas)  # joined once: pairwise is quadratic in the length
 
     async def pieces(self, interval: int) -> AsyncIterator[StreamPiece | None]:
         """What a stream sends: each choice's text batched by `interval` tokens (the first and

@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.live_server import wait_until_idle
+from tests.live_server import read_metrics, wait_until_idle
 
 OK_MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -317,6 +317,31 @@ def test_full_queue_answers_429_with_retry_after(guarded_server):
             t.join()
     assert statuses == [200, 200]
     wait_until_idle(guarded_server)
+
+
+def test_a_burst_of_streams_cannot_pass_the_queue_bound_together(guarded_server):
+    """One running + one waiting: of 8 streams sent at once, exactly 2 are admitted; the
+    place is taken at the check itself, not when the stream's body starts."""
+    body = {"model": "house-model", "prompt": "Count:", "max_tokens": 64, "ignore_eos": True,
+            "stream": True}
+    statuses: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def send():
+        barrier.wait()
+        with httpx.stream("POST", f"{guarded_server.v1}/completions", json=body, timeout=120,
+                          headers=guarded_server.headers()) as response:
+            statuses.append(response.status_code)
+            response.read()
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(statuses) == [200, 200] + [429] * 6, statuses
+    wait_until_idle(guarded_server)
+    assert read_metrics(guarded_server)["rillm:num_http_requests_active"] == 0
 
 
 def test_cors_allows_only_the_configured_origin(guarded_server):
