@@ -267,7 +267,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from rillm.loader import DEFAULT_MODEL_NAME, KNOWN_MODELS
-    from rillm.server.config import ServerConfig
+    from rillm.server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
 
     started = process_started()
     model = getattr(args, "model_path", None) or args.model
@@ -299,8 +299,8 @@ def run_serve(args: argparse.Namespace) -> int:
             trust_request_chat_template=args.trust_request_chat_template,
             allowed_hosts=tuple(args.allowed_hosts),
             grammar_compile_timeout=args.grammar_compile_timeout,
-            **({"max_request_body_bytes": args.max_request_body_bytes}
-               if args.max_request_body_bytes is not None else {}),
+            max_request_body_bytes=(DEFAULT_MAX_BODY_BYTES if args.max_request_body_bytes is None
+                                    else args.max_request_body_bytes),
             keepalive_interval=args.keepalive_interval,
             uvicorn_log_level=args.uvicorn_log_level,
             reasoning_parser=args.reasoning_parser,

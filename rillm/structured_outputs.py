@@ -56,8 +56,7 @@ class StructuredOutputsParams:
         size = len(self.key[1])
         if size > MAX_CONSTRAINT_CHARS:
             raise InvalidParameterError(
-                f"{self.param}.{self.kind}" if self.param == "structured_outputs" else self.param,
-                f"is {size} characters; at most {MAX_CONSTRAINT_CHARS}")
+                self.field, f"is {size} characters; at most {MAX_CONSTRAINT_CHARS}")
 
     @property
     def kind(self) -> str:
@@ -65,6 +64,14 @@ class StructuredOutputsParams:
             if getattr(self, name) is not None:
                 return name
         return "json_object"
+
+    @property
+    def field(self) -> str:
+        """The request field an error about the constraint names: `structured_outputs.<kind>`,
+        or the field it came from (response_format, ...)."""
+        if self.param == "structured_outputs":
+            return f"{self.param}.{self.kind}"
+        return self.param
 
     @property
     def key(self) -> tuple[str, str]:

@@ -192,10 +192,8 @@ class AsyncEngine:
         try:
             return await asyncio.wait_for(asyncio.shield(work), self.grammar_compile_timeout)
         except TimeoutError:
-            param = f"{spec.param}.{spec.kind}" if spec.param == "structured_outputs" \
-                else spec.param
             raise InvalidParameterError(
-                param, f"took longer than {self.grammar_compile_timeout:g} s to compile"
+                spec.field, f"took longer than {self.grammar_compile_timeout:g} s to compile"
             ) from None
 
     def stats(self) -> EngineStats:

@@ -70,10 +70,7 @@ class GrammarCompiler:
             return compiler.compile_grammar(spec.grammar)
         except (RuntimeError, ValueError, TypeError) as exc:
             message = _LOCATION.sub("", str(exc).strip())
-            raise InvalidParameterError(
-                f"{spec.param}.{kind}" if spec.param == "structured_outputs" else spec.param,
-                f"cannot be compiled: {message}",
-            ) from None
+            raise InvalidParameterError(spec.field, f"cannot be compiled: {message}") from None
 
     def matcher(self, spec: StructuredOutputsParams) -> RequestGrammar:
         import xgrammar

@@ -28,15 +28,20 @@ MAX_SEQUENCES = 1024
 small request could queue ~128,000 of them (and tokenize its whole list on the event loop)."""
 
 
-async def _prompts(engine: AsyncEngine, prompt: Any) -> list[list[int]]:
+async def _prompts(engine: AsyncEngine, prompt: Any, n: int) -> list[list[int]]:
+    """The prompt's token ids, one list a prompt; how many sequences they start (times `n`)
+    is checked before any of them is tokenized."""
     if isinstance(prompt, str):
         return [await encode(engine.tokenizer, prompt)]
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    if isinstance(prompt[0], str):
-        return await encode_all(engine.tokenizer, prompt)
     if isinstance(prompt[0], int):
         return [list(prompt)]
+    if len(prompt) * n > MAX_SEQUENCES:
+        raise APIError(400, f"{len(prompt)} prompts x n={n} is more than the {MAX_SEQUENCES} "
+                       "sequences one request may start", param="prompt")
+    if isinstance(prompt[0], str):
+        return await encode_all(engine.tokenizer, prompt)
     return [list(p) for p in prompt]
 
 
@@ -49,12 +54,7 @@ async def create_completion(state: Any, engine: AsyncEngine, body: CompletionReq
         raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
-    count = 1 if isinstance(body.prompt, str) or (body.prompt and isinstance(
-        body.prompt[0], int)) else len(body.prompt)
-    if count * body.n > MAX_SEQUENCES:
-        raise APIError(400, f"{count} prompts x n={body.n} is more than the {MAX_SEQUENCES} "
-                       "sequences one request may start", param="prompt")
-    prompts = await _prompts(engine, body.prompt)
+    prompts = await _prompts(engine, body.prompt, body.n)
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     if max_tokens < 1:
         raise APIError(400, "max_tokens must be at least 1", param="max_tokens")

@@ -19,8 +19,6 @@ import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi.responses import JSONResponse
-
 from rillm.server.errors import APIError
 
 Scope = MutableMapping[str, Any]
@@ -79,22 +77,23 @@ class RequestGate:
         host = headers.get(b"host")
         if self.hosts is not None and host is not None \
                 and host_name(host.decode("latin-1")) not in self.hosts:
-            await _refuse(scope, receive, send, APIError(
-                400, "this server does not answer to that Host name (it listens on a loopback "
-                "address; --allowed-hosts adds names)", code="host_not_allowed"))
+            error = APIError(400, "this server does not answer to that Host name (it listens on "
+                             "a loopback address; --allowed-hosts adds names)",
+                             code="host_not_allowed")
+            await error.response()(scope, receive, send)
             return
         if (self.api_key is not None and scope.get("method") != "OPTIONS"
                 and guarded(scope.get("path", ""))
                 and not key_matches(headers.get(b"authorization", b"").decode("latin-1"),
                                     self.api_key)):
-            await _refuse(scope, receive, send, APIError(
-                401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                code="invalid_api_key"))
+            error = APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                             code="invalid_api_key")
+            await error.response()(scope, receive, send)
             return
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit()
                                      or int(declared) > self.max_body_bytes):
-            await _refuse(scope, receive, send, self._too_large())
+            await self._too_large().response()(scope, receive, send)
             return
         await self._counted(scope, receive, send)
 
@@ -134,9 +133,4 @@ class RequestGate:
             if not over:
                 raise  # the app's own failure: the server's 500 handler answers it
         if over and not started:
-            response = JSONResponse(self._too_large().body(), status_code=413)
-            await response(scope, counted_receive, send)
-
-
-async def _refuse(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
-    await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+            await self._too_large().response()(scope, counted_receive, send)

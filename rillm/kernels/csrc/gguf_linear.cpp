@@ -16,7 +16,8 @@
 //   offset:      sum_{k in b} x_k w_k ~ a * s * sum u_k qx_k + b * s * sum qx_k
 // with the sums of integers exact in int32 (vpdpbusd multiplies unsigned by signed bytes, 64
 // products an instruction); the blocks are summed in float32 in order and the result rounded
-// to bfloat16. A row's result does not depend on the other rows of the batch.
+// to bfloat16 (or, with `float_out`, the lm_head's logits, left in float32). A row's result
+// does not depend on the other rows of the batch.
 //
 // The offset term takes the block's sum as rounded (s * sum qx), not the exact sum of x: then
 // the rounding error of x meets the weights a * u + b, which are centred near zero, rather

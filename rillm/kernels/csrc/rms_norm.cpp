@@ -22,6 +22,17 @@
 
 namespace {
 
+// 1 / sqrt(mean(x^2) + eps) of one row, the squares summed in float32 in order.
+template <typename scalar_t>
+inline float inverse_rms(const scalar_t* src, int64_t dim, float eps) {
+  float squares = 0.0f;
+  for (int64_t i = 0; i < dim; ++i) {
+    const float v = static_cast<float>(src[i]);
+    squares += v * v;
+  }
+  return 1.0f / std::sqrt(squares / static_cast<float>(dim) + eps);
+}
+
 template <typename scalar_t>
 void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out) {
   const int64_t rows = x.size(0), dim = x.size(1);
@@ -32,13 +43,7 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* src = x_data + r * dim;
-      float squares = 0.0f;
-      for (int64_t i = 0; i < dim; ++i) {
-        const float v = static_cast<float>(src[i]);
-        squares += v * v;
-      }
-      const float mean = squares / static_cast<float>(dim);
-      const float inverse = 1.0f / std::sqrt(mean + feps);
+      const float inverse = inverse_rms(src, dim, feps);
       scalar_t* dst = out_data + r * dim;
       for (int64_t i = 0; i < dim; ++i) {
         const scalar_t normed = static_cast<scalar_t>(static_cast<float>(src[i]) * inverse);
@@ -60,12 +65,7 @@ void rms_norm_scaled_rows(const at::Tensor& x, const float* scale, double eps, a
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* src = x_data + (r / inner) * outer_stride + (r % inner) * inner_stride;
-      float squares = 0.0f;
-      for (int64_t i = 0; i < dim; ++i) {
-        const float v = static_cast<float>(src[i]);
-        squares += v * v;
-      }
-      const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(dim) + feps);
+      const float inverse = inverse_rms(src, dim, feps);
       scalar_t* dst = out_data + r * dim;
       for (int64_t i = 0; i < dim; ++i)
         dst[i] = static_cast<scalar_t>(static_cast<float>(src[i]) * inverse * scale[i]);
