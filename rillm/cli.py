@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per streamed event, at most")
     serve.add_argument("--allowed-origins", nargs="*", default=[],
                        help="origins allowed by CORS (default: CORS off)")
-    serve.add_argument("--max-queued-requests", type=int, default=None,
-                       help="requests that may wait beyond --max-num-seqs before new ones "
-                       "get 429")
+    serve.add_argument("--max-queued-requests", type=int, default=None, metavar="SEQUENCES",
+                       help="sequences (n and each prompt of a list count) that may wait "
+                       "beyond --max-num-seqs before new requests get a 429 (default 256)")
     serve.add_argument("--keepalive-interval", type=float, default=10.0,
                        help="seconds of silence after which a stream gets a keep-alive comment")
     serve.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
@@ -267,7 +267,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from rillm.loader import DEFAULT_MODEL_NAME, KNOWN_MODELS
-    from rillm.server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
+    from rillm.server.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUED, ServerConfig
 
     started = process_started()
     model = getattr(args, "model_path", None) or args.model
@@ -295,7 +295,9 @@ def run_serve(args: argparse.Namespace) -> int:
         server_config = ServerConfig(
             host=args.host, port=args.port, served_model_names=names, api_key=args.api_key,
             stream_interval=args.stream_interval, allowed_origins=tuple(args.allowed_origins),
-            max_queued_requests=args.max_queued_requests, chat_template=template,
+            max_queued_requests=(DEFAULT_MAX_QUEUED if args.max_queued_requests is None
+                                 else args.max_queued_requests),
+            chat_template=template,
             trust_request_chat_template=args.trust_request_chat_template,
             allowed_hosts=tuple(args.allowed_hosts),
             grammar_compile_timeout=args.grammar_compile_timeout,

@@ -46,6 +46,8 @@ class ServerState:
     started: float = field(default_factory=time.time)
     num_active: int = 0
     """Generation requests accepted and not yet finished."""
+    num_sequences: int = 0
+    """The sequences those requests start (n, and each prompt of a completions list, count)."""
     on_ready: Callable[[], None] | None = None
     on_failure: Callable[[str], None] | None = None
 
@@ -143,15 +145,15 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         from rillm.server.chat import create_chat_completion
 
-        return await _generation(state, request, lambda engine: create_chat_completion(
+        return await _generation(state, body.n, lambda engine: create_chat_completion(
             state, engine, body, request))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        from rillm.server.completions import create_completion
+        from rillm.server.completions import create_completion, sequence_count
 
-        return await _generation(state, request, lambda engine: create_completion(
-            state, engine, body, request))
+        return await _generation(state, sequence_count(body.prompt, body.n),
+                                 lambda engine: create_completion(state, engine, body, request))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -186,21 +188,24 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
 
 
 async def _generation(
-    state: ServerState, request: Request,
+    state: ServerState, sequences: int,
     handler: Callable[[AsyncEngine], Awaitable[Response]],
 ) -> Response:
-    """Admission: the queue bound is checked and the request's place taken in one step (no
-    await between), so a burst cannot pass the check together; the place is given back when
-    the response is over (a stream's end, however it ends) or the handler fails."""
+    """Admission, counted in sequences: a request is refused (429, Retry-After) when the
+    sequences it starts would make more than `max_queued_requests` wait beyond the batch
+    (`max_num_seqs`); an idle server admits any request, so a large one can still run alone.
+    The check and taking the place are one step (no await between), so a burst cannot pass
+    the check together; the place is given back when the response is over (a stream's end,
+    however it ends) or the handler fails."""
     engine = state.ready_engine()
     limit = state.config.max_queued_requests
-    if limit is not None:
-        waiting = state.num_active - engine.max_num_seqs
-        if waiting >= limit:
-            raise APIError(429, f"the server is busy: {max(waiting, 0)} requests are already "
-                           "waiting; retry shortly", code="queue_full",
-                           headers={"Retry-After": "1"})
+    waiting = state.num_sequences - engine.max_num_seqs
+    if limit is not None and state.num_sequences and waiting + sequences > limit:
+        raise APIError(429, f"the server is busy: {max(waiting, 0)} sequences are already "
+                       f"waiting (at most {limit}); retry shortly", code="queue_full",
+                       headers={"Retry-After": "1"})
     state.num_active += 1
+    state.num_sequences += sequences
     released = False
 
     def release() -> None:
@@ -208,6 +213,7 @@ async def _generation(
         if not released:
             released = True
             state.num_active -= 1
+            state.num_sequences -= sequences
 
     try:
         response = await handler(engine)

@@ -28,6 +28,14 @@ MAX_SEQUENCES = 1024
 small request could queue ~128,000 of them (and tokenize its whole list on the event loop)."""
 
 
+def sequence_count(prompt: Any, n: int) -> int:
+    """How many sequences a request's prompt starts: n for one prompt (a string or token
+    ids), n for each prompt of a list."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return n
+    return len(prompt) * n
+
+
 async def _prompts(engine: AsyncEngine, prompt: Any, n: int) -> list[list[int]]:
     """The prompt's token ids, one list a prompt; how many sequences they start (times `n`)
     is checked before any of them is tokenized."""

@@ -8,6 +8,10 @@ from typing import Any
 from rillm.parsers.reasoning import REASONING_PARSERS
 from rillm.parsers.tool_calls import TOOL_CALL_PARSERS
 
+DEFAULT_MAX_QUEUED = 256
+"""--max-queued-requests: sequences that may wait beyond the batch before a 429 (four
+default batches; Ollama's queue holds 512 requests)."""
+
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 """--max-request-body-bytes: 8 MiB, some 2 million tokens of text or ~1 million token ids."""
 
@@ -23,8 +27,9 @@ class ServerConfig:
     """Tokens one streamed event carries at most (per-request override: stream_interval)."""
     allowed_origins: tuple[str, ...] = ()
     """CORS origins; empty: CORS off."""
-    max_queued_requests: int | None = None
-    """Requests allowed to wait beyond max_num_seqs before new ones get a 429."""
+    max_queued_requests: int | None = DEFAULT_MAX_QUEUED
+    """Sequences allowed to wait beyond max_num_seqs before new requests get a 429; None:
+    no bound (the offline-style setting, for tests and trusted batch jobs)."""
     chat_template: str | None = None
     """Overrides the model's chat template."""
     allowed_hosts: tuple[str, ...] = ()

@@ -83,4 +83,8 @@ def test_page_uses_the_api_key(guarded_server, browser):
         "document.querySelector('.assistant .stats').textContent.includes('tokens')",
         timeout=60_000)
     assert not page.locator(".assistant .error").count()
+    # The key lives for this tab only: in sessionStorage, never in localStorage (which any
+    # later page of the origin, and every later visit, can read).
+    assert page.evaluate("sessionStorage.getItem('rillm-api-key')") == "sesame"
+    assert page.evaluate("localStorage.length") == 0
     page.close()

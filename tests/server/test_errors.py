@@ -319,6 +319,38 @@ def test_full_queue_answers_429_with_retry_after(guarded_server):
     wait_until_idle(guarded_server)
 
 
+def test_the_queue_bound_counts_sequences_not_requests(guarded_server):
+    """One running + one waiting, in sequences: while one request runs, an n=3 request (or
+    three prompts) would put 3 in the queue: a 429. On an idle server it runs alone."""
+    long = {"model": "house-model", "prompt": "Count:", "max_tokens": 4000, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{guarded_server.v1}/completions", json=long, timeout=120,
+                      headers=guarded_server.headers()) as running:
+        assert running.status_code == 200
+        lines = running.iter_lines()  # kept: a dropped iterator closes the stream
+        next(lines)
+        assert read_metrics(guarded_server)["rillm:num_requests_running"] == 1
+        wide = post(guarded_server, "/completions", {"model": "house-model", "prompt": "Hi",
+                                                     "max_tokens": 1, "n": 3})
+        assert assert_error(wide, 429)["code"] == "queue_full"
+        listed = post(guarded_server, "/completions", {"model": "house-model",
+                                                       "prompt": ["a", "b", "c"],
+                                                       "max_tokens": 1})
+        assert listed.status_code == 429
+        with httpx.stream("POST", f"{guarded_server.v1}/completions", timeout=120,
+                          headers=guarded_server.headers(),
+                          json={"model": "house-model", "prompt": "Hi", "max_tokens": 1,
+                                "stream": True}) as one:
+            assert one.status_code == 200  # one sequence fits the one waiting place
+            running.close()  # the long stream is aborted, the waiting one runs
+            assert one.read().endswith(b"data: [DONE]\n\n")
+    wait_until_idle(guarded_server)
+    alone = post(guarded_server, "/completions", {"model": "house-model", "prompt": "Hi",
+                                                  "max_tokens": 1, "n": 3})
+    assert alone.status_code == 200
+    assert len(alone.json()["choices"]) == 3
+
+
 def test_a_burst_of_streams_cannot_pass_the_queue_bound_together(guarded_server):
     """One running + one waiting: of 8 streams sent at once, exactly 2 are admitted; the
     place is taken at the check itself, not when the stream's body starts."""
