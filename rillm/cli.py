@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queued-requests", type=int, default=None, metavar="SEQUENCES",
                        help="sequences (n and each prompt of a list count) that may wait "
                        "beyond --max-num-seqs before new requests get a 429 (default 256)")
+    serve.add_argument("--max-connections", type=int, default=512,
+                       help="open connections at most; past it a request is a 503 with "
+                            "Retry-After")
+    serve.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="a request's headers must arrive within this, and its body may "
+                            "pause no longer (slow clients are cut off)")
+    serve.add_argument("--send-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="a client that reads nothing of its response for this long is "
+                            "dropped (its request aborted)")
     serve.add_argument("--keepalive-interval", type=float, default=10.0,
                        help="seconds of silence after which a stream gets a keep-alive comment")
     serve.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
@@ -268,6 +277,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from rillm.loader import DEFAULT_MODEL_NAME, KNOWN_MODELS
     from rillm.server.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUED, ServerConfig
+    from rillm.server.connections import ConnectionLimits
 
     started = process_started()
     model = getattr(args, "model_path", None) or args.model
@@ -304,6 +314,9 @@ def run_serve(args: argparse.Namespace) -> int:
             max_request_body_bytes=(DEFAULT_MAX_BODY_BYTES if args.max_request_body_bytes is None
                                     else args.max_request_body_bytes),
             keepalive_interval=args.keepalive_interval,
+            connections=ConnectionLimits(max_connections=args.max_connections,
+                                         header_timeout=args.header_timeout,
+                                         send_timeout=args.send_timeout),
             uvicorn_log_level=args.uvicorn_log_level,
             reasoning_parser=args.reasoning_parser,
             enable_auto_tool_choice=args.enable_auto_tool_choice,

@@ -7,6 +7,7 @@ from typing import Any
 
 from rillm.parsers.reasoning import REASONING_PARSERS
 from rillm.parsers.tool_calls import TOOL_CALL_PARSERS
+from rillm.server.connections import ConnectionLimits
 
 DEFAULT_MAX_QUEUED = 256
 """--max-queued-requests: sequences that may wait beyond the batch before a 429 (four
@@ -42,6 +43,8 @@ class ServerConfig:
     trust_request_chat_template: bool = False
     """Whether a request may bring its own `chat_template` (it runs on the server; vLLM's
     flag of the same name). Off: such a request is a 400."""
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    """Open connections, header / body and send timeouts (rillm/server/connections.py)."""
     keepalive_interval: float = 10.0
     """Seconds without an event after which a stream gets a `: keep-alive` comment."""
     uvicorn_log_level: str = "warning"

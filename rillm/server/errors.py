@@ -16,9 +16,13 @@ from rillm.server.protocol import error_body
 
 logger = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_exceeded", 503: "service_unavailable"}
+def error_type(status: int) -> str:
+    """OpenAI's `type` for a status: the client's mistake, its rate, or the server."""
+    if status == 429:
+        return "rate_limit_exceeded"
+    if status == 503:
+        return "service_unavailable"
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
 
 
 class APIError(Exception):
@@ -32,7 +36,7 @@ class APIError(Exception):
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, _TYPES.get(self.status, "server_error"), self.param,
+        return error_body(self.message, error_type(self.status), self.param,
                           self.code)
 
     def response(self) -> JSONResponse:

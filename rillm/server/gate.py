@@ -1,5 +1,5 @@
-"""What every HTTP request passes before the app reads a byte of its body: the Host header, the
-API key (on the routes it guards) and the body-size bound.
+"""What every HTTP request passes before the app reads a byte of its body: the size of its
+headers, the Host header, the API key (on the routes it guards) and the body-size bound.
 
 A pure ASGI middleware, because FastAPI reads and parses a route's body before its
 dependencies run: checked there, anyone without a key could make the server parse a
@@ -19,6 +19,7 @@ import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from rillm.server.connections import MAX_HEADER_BYTES
 from rillm.server.errors import APIError
 
 Scope = MutableMapping[str, Any]
@@ -73,7 +74,14 @@ class RequestGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {name.lower(): value for name, value in scope.get("headers", [])}
+        raw = scope.get("headers", [])
+        if len(scope.get("raw_path") or b"") + len(scope.get("query_string", b"")) \
+                + sum(len(name) + len(value) + 4 for name, value in raw) > MAX_HEADER_BYTES:
+            error = APIError(431, f"the request line and headers are larger than "
+                             f"{MAX_HEADER_BYTES} bytes", code="headers_too_large")
+            await error.response()(scope, receive, send)
+            return
+        headers = {name.lower(): value for name, value in raw}
         host = headers.get(b"host")
         if self.hosts is not None and host is not None \
                 and host_name(host.decode("latin-1")) not in self.hosts:

@@ -15,6 +15,7 @@ from rillm.config import EngineConfig
 from rillm.engine.async_engine import AsyncEngine
 from rillm.server.app import ServerState, create_app
 from rillm.server.config import ServerConfig
+from rillm.server.connections import MAX_HEADER_BYTES, guarded_protocol
 
 
 def serve(engine_config: EngineConfig, config: ServerConfig, started: float) -> int:
@@ -51,6 +52,7 @@ def serve(engine_config: EngineConfig, config: ServerConfig, started: float) -> 
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
         timeout_graceful_shutdown=3, access_log=False,
+        http=guarded_protocol(config.connections), h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     ))
     progress.start()
     try:

@@ -1,0 +1,168 @@
+"""The connection's bounds, below the ASGI app: how many connections, how long a client may
+take to send its request, and how long it may leave the server's writes unread.
+
+uvicorn's h11 protocol bounds none of these: a connection that sends half a header line and
+then nothing holds its socket for ever (slowloris), as does a body sent a byte a minute, and
+a stream whose client stops reading blocks its generator in `send` for ever — still holding
+its engine request and its place in the queue. `GuardedProtocol` is uvicorn's protocol with
+timers for those three (nginx's client_header_timeout, client_body_timeout and
+send_timeout), a cap on open connections (answered, past it, with a 503 and `Retry-After`),
+and errors in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from rillm.server.errors import error_type
+from rillm.server.protocol import error_body
+
+logger = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 32 * 1024
+"""A request line and headers larger than this are refused (431 / 400); nginx's default is
+4 x 8 KiB, Node's 16 KiB."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int = 512
+    """Open connections at most; the next one's request is a 503 with Retry-After."""
+    header_timeout: float = 10.0
+    """Seconds a client has to send its request line and headers, and the longest pause
+    allowed within its body."""
+    send_timeout: float = 30.0
+    """Seconds the server's writes may wait on a client that reads nothing; then the
+    connection is dropped (a stream's request aborted, its blocks freed)."""
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if self.header_timeout <= 0 or self.send_timeout <= 0:
+            raise ValueError("header_timeout and send_timeout must be positive")
+
+
+def error_bytes(status: int, reason: str, message: str, code: str,
+                extra_headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A whole HTTP/1.1 response carrying OpenAI's error object, ending the connection."""
+    body = json.dumps(error_body(message, error_type(status), None, code)).encode()
+    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json",
+            f"content-length: {len(body)}", "connection: close",
+            *(f"{name}: {value}" for name, value in extra_headers)]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
+    """uvicorn's `http=` protocol class for these limits."""
+    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
+
+
+class GuardedProtocol(H11Protocol):
+    limits: ConnectionLimits = ConnectionLimits()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._received_any = False
+        if len(self.connections) > self.limits.max_connections:
+            self.app = _too_many_connections
+        self._arm_read(self.limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_read()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._received_any = True
+        super().data_received(data)
+        if self.transport.is_closing():
+            self._cancel_read()
+        elif self.conn.their_state is h11.IDLE:
+            # Waiting for (the rest of) a request's headers: the whole header within one
+            # timeout, however it is dribbled.
+            if self._read_timer is None:
+                self._arm_read(self.limits.header_timeout)
+        elif self.conn.their_state is h11.SEND_BODY:
+            self._arm_read(self.limits.header_timeout)  # each pause in the body, afresh
+        else:
+            self._cancel_read()  # the request is in; the app has it
+
+    def on_response_complete(self) -> None:
+        self._cancel_read()
+        self._received_any = False
+        super().on_response_complete()  # uvicorn's keep-alive timer covers the idle wait
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.limits.send_timeout, self._send_expired)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def send_400_response(self, msg: str) -> None:
+        """Malformed HTTP, or headers past h11's bound while still incomplete."""
+        self.transport.write(error_bytes(400, "Bad Request", f"invalid HTTP request: {msg}",
+                                         "invalid_http"))
+        self.transport.close()
+
+    def _arm_read(self, seconds: float) -> None:
+        self._cancel_read()
+        self._read_timer = self.loop.call_later(seconds, self._read_expired)
+
+    def _cancel_read(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_expired(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        state = self.conn.their_state
+        if state is h11.SEND_BODY and self.flow.read_paused:
+            # The app is behind in reading the body, not the client in sending it.
+            self._arm_read(self.limits.header_timeout)
+            return
+        if state is h11.IDLE and self._received_any:
+            self.transport.write(error_bytes(
+                408, "Request Timeout", f"the request's headers did not arrive within "
+                f"{self.limits.header_timeout:g} s (the server's --header-timeout)",
+                "request_timeout"))
+        elif state is h11.SEND_BODY:
+            logger.warning("a client paused its request body for over %g s; connection closed",
+                           self.limits.header_timeout)
+        elif state is not h11.IDLE:
+            return
+        self.transport.close()
+
+    def _send_expired(self) -> None:
+        self._send_timer = None
+        if not self.transport.is_closing():
+            logger.warning("a client read nothing for %g s; connection dropped (its request "
+                           "aborted)", self.limits.send_timeout)
+            self.transport.abort()
+
+
+async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
+    """The app a connection past `max_connections` gets for its requests."""
+    body = json.dumps(error_body("the server has too many open connections; retry shortly",
+                                 error_type(503), None, "too_many_connections")).encode()
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
