@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--send-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="a client that reads nothing of its response for this long is "
                             "dropped (its request aborted)")
+    serve.add_argument("--stream-resume-window", type=float, default=0.0, metavar="SECONDS",
+                       help="keep a stream running this long after its connection breaks, "
+                            "resumable by sending the request again with Last-Event-ID "
+                            "(events then carry id:); default 0: off, a disconnect aborts")
     serve.add_argument("--keepalive-interval", type=float, default=10.0,
                        help="seconds of silence after which a stream gets a keep-alive comment")
     serve.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
@@ -314,6 +318,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_request_body_bytes=(DEFAULT_MAX_BODY_BYTES if args.max_request_body_bytes is None
                                     else args.max_request_body_bytes),
             keepalive_interval=args.keepalive_interval,
+            stream_resume_window=args.stream_resume_window,
             connections=ConnectionLimits(max_connections=args.max_connections,
                                          header_timeout=args.header_timeout,
                                          send_timeout=args.send_timeout),

@@ -33,6 +33,7 @@ from rillm.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from rillm.server.resume import StreamRegistry
 from rillm.server.sse import EventStreamResponse
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class ServerState:
     """The sequences those requests start (n, and each prompt of a completions list, count)."""
     on_ready: Callable[[], None] | None = None
     on_failure: Callable[[str], None] | None = None
+    streams: StreamRegistry | None = None
+    """Streams that outlive their connection (--stream-resume-window); None: off."""
 
     @property
     def model_name(self) -> str:
@@ -72,6 +75,8 @@ class ServerState:
 def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
                state: ServerState | None = None) -> FastAPI:
     state = state or ServerState(config)
+    if config.stream_resume_window > 0:
+        state.streams = StreamRegistry(config.stream_resume_window)
     if state.engine is not None:
         _watch(state, state.engine)
 
@@ -80,6 +85,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         task = asyncio.create_task(_load(state, load_engine))
         yield
         task.cancel()
+        if state.streams is not None:
+            state.streams.close()
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown)
 
@@ -145,6 +152,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         from rillm.server.chat import create_chat_completion
 
+        if (resumed := _resume(state, request)) is not None:
+            return resumed
         return await _generation(state, body.n, lambda engine: create_chat_completion(
             state, engine, body, request))
 
@@ -152,6 +161,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     async def completions(body: CompletionRequest, request: Request) -> Response:
         from rillm.server.completions import create_completion, sequence_count
 
+        if (resumed := _resume(state, request)) is not None:
+            return resumed
         return await _generation(state, sequence_count(body.prompt, body.n),
                                  lambda engine: create_completion(state, engine, body, request))
 
@@ -187,6 +198,16 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     return app
 
 
+def _resume(state: ServerState, request: Request) -> EventStreamResponse | None:
+    """A request carrying `Last-Event-ID`, with resumable streams on: the rest of the stream
+    it names (its body is not run again), or a 404 once that stream's window has passed."""
+    last_event_id = request.headers.get("last-event-id")
+    if state.streams is None or last_event_id is None:
+        return None
+    stream, after = state.streams.resume(last_event_id)
+    return EventStreamResponse(stream.read(after, state.config.keepalive_interval), stream)
+
+
 async def _generation(
     state: ServerState, sequences: int,
     handler: Callable[[AsyncEngine], Awaitable[Response]],
@@ -220,7 +241,9 @@ async def _generation(
     except BaseException:
         release()
         raise
-    if isinstance(response, EventStreamResponse):
+    if isinstance(response, EventStreamResponse) and response.resumable is not None:
+        response.resumable.when_ended(release)  # its place is held while it runs
+    elif isinstance(response, EventStreamResponse):
         response.on_close = release
     else:
         release()

@@ -45,6 +45,9 @@ class ServerConfig:
     flag of the same name). Off: such a request is a 400."""
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     """Open connections, header / body and send timeouts (rillm/server/connections.py)."""
+    stream_resume_window: float = 0.0
+    """Seconds a stream outlives a broken connection, resumable with Last-Event-ID
+    (rillm/server/resume.py); 0: off, a disconnect aborts at once."""
     keepalive_interval: float = 10.0
     """Seconds without an event after which a stream gets a `: keep-alive` comment."""
     uvicorn_log_level: str = "warning"
@@ -71,5 +74,7 @@ class ServerConfig:
             raise ValueError("max_request_body_bytes must be at least 1024")
         if self.grammar_compile_timeout <= 0:
             raise ValueError("grammar_compile_timeout must be positive")
+        if self.stream_resume_window < 0:
+            raise ValueError("stream_resume_window must not be negative")
         if self.keepalive_interval <= 0:
             raise ValueError("keepalive_interval must be positive")

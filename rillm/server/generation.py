@@ -59,7 +59,11 @@ class Generation:
         ]
 
     def stream_response(self, body: AsyncIterator[str]) -> EventStreamResponse:
-        return EventStreamResponse(body)
+        streams = self.state.streams
+        if streams is None:
+            return EventStreamResponse(body)
+        stream = streams.start(self.response_id, body)
+        return EventStreamResponse(stream.read(-1, self.state.config.keepalive_interval), stream)
 
     async def events(self) -> AsyncIterator[RequestOutput | None]:
         """Deltas of every prompt, choice indices numbered prompt-major (prompt i, choice j ->

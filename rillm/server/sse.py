@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from rillm.server.resume import ResumableStream
 
 KEEPALIVE = ": keep-alive\n\n"
 DONE = "data: [DONE]\n\n"
@@ -25,12 +28,16 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str]) -> None:
+    def __init__(self, content: AsyncIterator[str],
+                 resumable: ResumableStream | None = None) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         self.on_close: Callable[[], None] | None = None
         """Called once the response is over, however it ended (even where the client left
         before the body began, so the body iterator never ran)."""
+        self.resumable = resumable
+        """The stream this response reads, where it outlives the response
+        (rillm/server/resume.py)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
