@@ -19,6 +19,7 @@ import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from rillm.memory import trim
 from rillm.server.connections import MAX_HEADER_BYTES
 from rillm.server.errors import APIError
 
@@ -69,6 +70,7 @@ class RequestGate:
         self.hosts = hosts
         self.api_key = api_key.encode("utf-8") if api_key is not None else None
         self.max_body_bytes = max_body_bytes
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,7 +80,8 @@ class RequestGate:
         if len(scope.get("raw_path") or b"") + len(scope.get("query_string", b"")) \
                 + sum(len(name) + len(value) + 4 for name, value in raw) > MAX_HEADER_BYTES:
             error = APIError(431, f"the request line and headers are larger than "
-                             f"{MAX_HEADER_BYTES} bytes", code="headers_too_large")
+                             f"{MAX_HEADER_BYTES} bytes", code="headers_too_large",
+                             headers={"Connection": "close"})
             await error.response()(scope, receive, send)
             return
         headers = {name.lower(): value for name, value in raw}
@@ -103,11 +106,19 @@ class RequestGate:
                                      or int(declared) > self.max_body_bytes):
             await self._too_large().response()(scope, receive, send)
             return
-        await self._counted(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self._counted(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                trim()  # the last request's memory, back to the system while idle
 
     def _too_large(self) -> APIError:
+        # Connection: close, as the unread rest of the body cannot start a next request.
         return APIError(413, f"the request body is larger than {self.max_body_bytes} bytes "
-                        "(the server's --max-request-body-bytes)", code="body_too_large")
+                        "(the server's --max-request-body-bytes)", code="body_too_large",
+                        headers={"Connection": "close"})
 
     async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the body through, counting it; past the bound the app is told the client left
