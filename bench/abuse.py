@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from bench.startup_memory import rss_mib
 from tests.live_server import Server, read_metrics, start_server, wait_until_idle
 
 SERVER_FLAGS = ("--header-timeout", "1", "--send-timeout", "2", "--grammar-compile-timeout", "2",
@@ -380,14 +381,6 @@ CASES: list[Case] = [
 # --- running them ----------------------------------------------------------------------------
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
 def is_openai_error(body: bytes) -> bool:
     try:
         error = json.loads(body)["error"]
@@ -449,7 +442,7 @@ def run_all(server: Server, cases: list[Case] = CASES) -> Report:
     for _ in range(3):
         httpx.post(f"{server.v1}/completions", json={"prompt": "Hi", "max_tokens": 8},
                    timeout=60)
-    start = rss_mib(server.process.pid)
+    start = rss_mib(server.process.pid)[0]
     results = []
     for case in cases:
         began = time.monotonic()
@@ -460,7 +453,7 @@ def run_all(server: Server, cases: list[Case] = CASES) -> Report:
             continue
         results.append((case, outcomes, check(case, outcomes, server),
                         time.monotonic() - began))
-    return Report(results, start, rss_mib(server.process.pid))
+    return Report(results, start, rss_mib(server.process.pid)[0])
 
 
 def main() -> None:

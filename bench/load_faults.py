@@ -24,7 +24,7 @@ import time
 
 import httpx
 
-from bench.abuse import rss_mib
+from bench.startup_memory import rss_mib
 from tests.live_server import read_metrics, start_server, wait_until_idle
 
 
@@ -78,7 +78,7 @@ async def soak(args: argparse.Namespace) -> None:
                     uncut_incomplete += 1
                 done_count += 1
                 if done_count % 100 == 0:
-                    samples.append((done_count, rss_mib(server.process.pid)))
+                    samples.append((done_count, rss_mib(server.process.pid)[0]))
 
             began = time.monotonic()
             await asyncio.gather(*(one(i) for i in range(args.requests)))
@@ -129,7 +129,7 @@ async def overload(args: argparse.Namespace) -> None:
         async with httpx.AsyncClient(timeout=600, limits=limits) as client:
             await burst(client, url, 4, {**body, "max_tokens": 4})  # warm-up
             unloaded = await burst(client, url, capacity, body)
-            rss_before = rss_mib(server.process.pid)
+            rss_before = rss_mib(server.process.pid)[0]
             began = time.monotonic()
             loaded = await burst(client, url, capacity * args.factor, body)
             seconds = time.monotonic() - began
@@ -153,7 +153,7 @@ async def overload(args: argparse.Namespace) -> None:
               f"{all(retry for _, retry in refused)}")
         active = read_metrics(server)["rillm:num_http_requests_active"]
         print(f"server alive: {alive}; RSS {rss_before:.0f} -> "
-              f"{rss_mib(server.process.pid):.0f} MiB; KV blocks in use after: "
+              f"{rss_mib(server.process.pid)[0]:.0f} MiB; KV blocks in use after: "
               f"{metrics['rillm:kv_cache_blocks_in_use']:g}; HTTP requests active after: "
               f"{active:g}")
     finally:

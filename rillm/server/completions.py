@@ -45,7 +45,7 @@ async def _prompts(engine: AsyncEngine, prompt: Any, n: int) -> list[list[int]]:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if isinstance(prompt[0], int):
         return [list(prompt)]
-    if len(prompt) * n > MAX_SEQUENCES:
+    if sequence_count(prompt, n) > MAX_SEQUENCES:
         raise APIError(400, f"{len(prompt)} prompts x n={n} is more than the {MAX_SEQUENCES} "
                        "sequences one request may start", param="prompt")
     if isinstance(prompt[0], str):

@@ -16,12 +16,11 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from rillm.server.errors import error_type
+from rillm.server.errors import APIError, error_type
 from rillm.server.protocol import error_body
 
 logger = logging.getLogger(__name__)
@@ -29,6 +28,11 @@ logger = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 32 * 1024
 """A request line and headers larger than this are refused (431 / 400); nginx's default is
 4 x 8 KiB, Node's 16 KiB."""
+
+
+TOO_MANY_CONNECTIONS = APIError(503, "the server has too many open connections; retry shortly",
+                                code="too_many_connections",
+                                headers={"Retry-After": "1", "Connection": "close"})
 
 
 @dataclass(frozen=True)
@@ -49,13 +53,12 @@ class ConnectionLimits:
             raise ValueError("header_timeout and send_timeout must be positive")
 
 
-def error_bytes(status: int, reason: str, message: str, code: str,
-                extra_headers: tuple[tuple[str, str], ...] = ()) -> bytes:
-    """A whole HTTP/1.1 response carrying OpenAI's error object, ending the connection."""
+def error_bytes(status: int, reason: str, message: str, code: str) -> bytes:
+    """A whole HTTP/1.1 response carrying OpenAI's error object, ending the connection (for
+    the protocol's own answers, written to the transport where no ASGI cycle runs)."""
     body = json.dumps(error_body(message, error_type(status), None, code)).encode()
     head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json",
-            f"content-length: {len(body)}", "connection: close",
-            *(f"{name}: {value}" for name, value in extra_headers)]
+            f"content-length: {len(body)}", "connection: close"]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
@@ -73,7 +76,7 @@ class GuardedProtocol(H11Protocol):
         self._send_timer: asyncio.TimerHandle | None = None
         self._received_any = False
         if len(self.connections) > self.limits.max_connections:
-            self.app = _too_many_connections
+            self.app = TOO_MANY_CONNECTIONS.response()  # what its requests are answered
         self._arm_read(self.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -157,12 +160,3 @@ class GuardedProtocol(H11Protocol):
                            "aborted)", self.limits.send_timeout)
             self.transport.abort()
 
-
-async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
-    """The app a connection past `max_connections` gets for its requests."""
-    body = json.dumps(error_body("the server has too many open connections; retry shortly",
-                                 error_type(503), None, "too_many_connections")).encode()
-    await send({"type": "http.response.start", "status": 503, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", b"1"), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
