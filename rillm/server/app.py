@@ -27,6 +27,7 @@ from rillm.server.errors import APIError, install_error_handlers
 from rillm.server.gate import RequestGate, allowed_hosts
 from rillm.server.metrics import make_registry, metrics_text
 from rillm.server.offload import decode, encode
+from rillm.server.openapi import install_openapi
 from rillm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -96,6 +97,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
                   redoc_url=None)
     app.state.rillm = state
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(RequestGate, api_key=config.api_key,
                        max_body_bytes=config.max_request_body_bytes,
                        hosts=allowed_hosts(config.host, config.allowed_hosts))
