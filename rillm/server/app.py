@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from rillm import __version__
@@ -27,7 +27,7 @@ from rillm.server.errors import APIError, install_error_handlers
 from rillm.server.gate import RequestGate, allowed_hosts
 from rillm.server.metrics import make_registry, metrics_text
 from rillm.server.offload import decode, encode
-from rillm.server.openapi import install_openapi
+from rillm.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, install_openapi
 from rillm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -115,7 +115,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         # The page itself is public; the API key guards the /v1 calls it makes.
         return Response(page, media_type="text/html; charset=utf-8")
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses=HEALTH_RESPONSES)
     async def health() -> Response:
         if state.engine is not None and state.engine.is_running:
             return Response(status_code=200)
@@ -127,7 +127,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
 
     registry = make_registry(state)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus metrics in the text exposition format"}})
     async def metrics() -> Response:
         return Response(metrics_text(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -150,7 +151,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         return {"id": model_id, "object": "model", "created": int(state.started),
                 "owned_by": "rillm"}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         from rillm.server.chat import create_chat_completion
 
@@ -159,7 +160,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         return await _generation(state, body.n, lambda engine: create_chat_completion(
             state, engine, body, request))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         from rillm.server.completions import create_completion, sequence_count
 

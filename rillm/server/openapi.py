@@ -1,7 +1,8 @@
-"""The OpenAPI schema as the server really answers: FastAPI's generated schema, with the errors
-every route can give declared in OpenAI's error shape (a bad body is a 400 here, never
-FastAPI's 422), streams as `text/event-stream`, /metrics as Prometheus text and /health's 200
-with no body. Fuzzed against the live server by tests/server/test_schema_fuzz.py."""
+"""The OpenAPI schema as the server really answers. What one route alone gives is declared on
+that route (`responses=` below, used by app.py: streams as `text/event-stream`, the queue's 429,
+/health's 503); `install_openapi` adds what every route can give: the errors in OpenAI's shape
+(a bad body is a 400 here, never FastAPI's 422). Fuzzed against the live server by
+tests/server/test_schema_fuzz.py."""
 
 from __future__ import annotations
 
@@ -24,6 +25,21 @@ ERROR_SCHEMA: dict[str, Any] = {
         },
     }},
 }
+_ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+
+# One Server-Sent Event of a stream (`stream: true`): its `data` is a chunk's JSON or [DONE].
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string"}, "id": {"type": "string"}, "event": {"type": "string"}}}
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+    429: {"description": "The queue is full (Retry-After)", "content": _ERROR_CONTENT},
+}
+HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Ready: the model is loaded and the engine runs"},
+    503: {"description": "Loading, load failed, or the engine stopped",
+          "content": {"application/json": {"schema": {
+              "type": "object", "properties": {"status": {"type": "string"}}}}}},
+}
 
 # Status -> what it means; every route may give these (the gate's checks run before routing).
 _EVERY_ROUTE = {
@@ -36,11 +52,6 @@ _EVERY_ROUTE = {
 }
 # Routes that run the model or name one.
 _MODEL_ROUTE = {"404": "No such model, or a resumed stream whose window has passed"}
-_GENERATION = {"429": "The queue is full (Retry-After)"}
-# One Server-Sent Event of a stream (`stream: true`): its `data` is a chunk's JSON or [DONE].
-_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
-    "data": {"type": "string"}, "id": {"type": "string"}, "event": {"type": "string"}}}
-_STREAMING = ("/v1/chat/completions", "/v1/completions")
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -49,18 +60,17 @@ def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            app.openapi_schema = _correct(schema)
+            app.openapi_schema = _declare_errors(schema)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _correct(schema: dict[str, Any]) -> dict[str, Any]:
+def _declare_errors(schema: dict[str, Any]) -> dict[str, Any]:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["ErrorResponse"] = ERROR_SCHEMA
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
@@ -68,25 +78,7 @@ def _correct(schema: dict[str, Any]) -> dict[str, Any]:
             statuses = dict(_EVERY_ROUTE)
             if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
                 statuses |= _MODEL_ROUTE
-            if path in _STREAMING:
-                statuses |= _GENERATION
-                ok = responses["200"].setdefault("content", {})
-                ok["text/event-stream"] = {"schema": _SSE_EVENT}
             for status, description in statuses.items():
-                responses.setdefault(status, {"description": description, "content": error})
-    _plain(schema, "/metrics", {"text/plain": {"schema": {"type": "string"}}},
-           "Prometheus metrics in the text exposition format")
-    _plain(schema, "/health", None, "Ready: the model is loaded and the engine runs")
-    health = schema["paths"]["/health"]["get"]["responses"]
-    health["503"] = {"description": "Loading, load failed, or the engine stopped",
-                     "content": {"application/json": {"schema": {
-                         "type": "object", "properties": {"status": {"type": "string"}}}}}}
+                responses.setdefault(status, {"description": description,
+                                              "content": _ERROR_CONTENT})
     return schema
-
-
-def _plain(schema: dict[str, Any], path: str, content: dict[str, Any] | None,
-           description: str) -> None:
-    ok: dict[str, Any] = {"description": description}
-    if content is not None:
-        ok["content"] = content
-    schema["paths"][path]["get"]["responses"]["200"] = ok
