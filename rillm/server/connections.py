@@ -7,7 +7,9 @@ a stream whose client stops reading blocks its generator in `send` for ever — 
 its engine request and its place in the queue. `GuardedProtocol` is uvicorn's protocol with
 timers for those three (nginx's client_header_timeout, client_body_timeout and
 send_timeout), a cap on open connections (answered, past it, with a 503 and `Retry-After`),
-and errors in OpenAI's shape.
+errors in OpenAI's shape, and a lingering close (nginx's lingering_close): an answer that ends
+a connection while the client is still sending (a 413 body, an oversized header) must not be
+lost to the RST the kernel sends when a socket with unread input is closed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ logger = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 32 * 1024
 """A request line and headers larger than this are refused (431 / 400); nginx's default is
 4 x 8 KiB, Node's 16 KiB."""
+
+
+LINGER_SECONDS = 5.0
+"""How long a connection closed while its client may still be sending stays half-open, reading
+and discarding, so the answer reaches the client before the socket closes (nginx's
+lingering_time is 30 s); the client's own close ends it sooner."""
 
 
 TOO_MANY_CONNECTIONS = APIError(503, "the server has too many open connections; retry shortly",
@@ -67,11 +75,85 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
     return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
 
 
+class LingeringTransport(asyncio.Transport):
+    """The transport uvicorn's code is handed: `close()` while the client may still be sending
+    half-closes instead — the answer is flushed and followed by a FIN, the client's further
+    bytes are read and dropped — and closes at the client's EOF or after LINGER_SECONDS.
+
+    A plain close with unread input makes the kernel reset the connection at once, dropping
+    the answer still in its send queue: the client sees ECONNRESET instead of its 413."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedProtocol) -> None:
+        super().__init__()
+        self._transport = transport
+        self._protocol = protocol
+        self.lingering = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        if not (self._protocol.client_may_send_more() and self._transport.can_write_eof()):
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()
+        self._transport.resume_reading()
+        self._timer = self._protocol.loop.call_later(LINGER_SECONDS, self._transport.close)
+
+    def connection_lost(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.lingering:
+            self._transport.write(data)
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        if not self.lingering:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._transport.write_eof()
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+
 class GuardedProtocol(H11Protocol):
     limits: ConnectionLimits = ConnectionLimits()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._lingering = LingeringTransport(transport, self)
+        super().connection_made(self._lingering)
         self._read_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._received_any = False
@@ -80,6 +162,7 @@ class GuardedProtocol(H11Protocol):
         self._arm_read(self.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lingering.connection_lost()
         self._cancel_read()
         if self._send_timer is not None:
             self._send_timer.cancel()
@@ -87,6 +170,8 @@ class GuardedProtocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering.lingering:
+            return  # what a client still sends after its answer is dropped
         self._received_any = True
         super().data_received(data)
         if self.transport.is_closing():
@@ -100,6 +185,14 @@ class GuardedProtocol(H11Protocol):
             self._arm_read(self.limits.header_timeout)  # each pause in the body, afresh
         else:
             self._cancel_read()  # the request is in; the app has it
+
+    def client_may_send_more(self) -> bool:
+        """Whether the client may still be sending: its request's body is unread, its request
+        broke h11, or it has begun another."""
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            return self._received_any
+        return state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 
     def on_response_complete(self) -> None:
         self._cancel_read()
