@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 8 MiB)")
     serve.add_argument("--trust-request-chat-template", action="store_true",
                        help="let requests bring their own chat_template (it runs on the "
-                            "server); without it such a request is a 400")
+                            "server, in a sandbox process bounded in time and memory); "
+                            "without it such a request is a 400")
+    serve.add_argument("--chat-template-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="a request's own chat_template that takes longer to render is "
+                            "the request's 400")
     serve.add_argument("--stream-interval", type=int, default=1,
                        help="tokens per streamed event, at most")
     serve.add_argument("--allowed-origins", nargs="*", default=[],
@@ -313,6 +317,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                  else args.max_queued_requests),
             chat_template=template,
             trust_request_chat_template=args.trust_request_chat_template,
+            chat_template_timeout=args.chat_template_timeout,
             allowed_hosts=tuple(args.allowed_hosts),
             grammar_compile_timeout=args.grammar_compile_timeout,
             max_request_body_bytes=(DEFAULT_MAX_BODY_BYTES if args.max_request_body_bytes is None

@@ -36,6 +36,7 @@ from rillm.server.protocol import (
 )
 from rillm.server.resume import StreamRegistry
 from rillm.server.sse import EventStreamResponse
+from rillm.server.templates import TemplateSandbox
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class ServerState:
     on_failure: Callable[[str], None] | None = None
     streams: StreamRegistry | None = None
     """Streams that outlive their connection (--stream-resume-window); None: off."""
+    templates: TemplateSandbox | None = None
+    """Where requests' own chat templates render (--trust-request-chat-template); None: off."""
 
     @property
     def model_name(self) -> str:
@@ -78,6 +81,9 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     state = state or ServerState(config)
     if config.stream_resume_window > 0:
         state.streams = StreamRegistry(config.stream_resume_window)
+    if config.trust_request_chat_template:
+        state.templates = TemplateSandbox(config.chat_template_timeout,
+                                          max_chars=config.max_request_body_bytes)
     if state.engine is not None:
         _watch(state, state.engine)
 
@@ -88,6 +94,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         task.cancel()
         if state.streams is not None:
             state.streams.close()
+        if state.templates is not None:
+            state.templates.close()
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown)
 
@@ -171,7 +179,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        from rillm.server.chat import render_chat_off_loop
+        from rillm.server.chat import render_chat
         from rillm.server.chat_output import template_kwargs
 
         engine = state.ready_engine()
@@ -180,7 +188,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            text = await render_chat_off_loop(
+            text = await render_chat(
                 state, engine, body.messages, body.add_generation_prompt, body.chat_template,
                 body.tools, template_kwargs(state.config, body))
             ids = await encode(tokenizer, text, add_special_tokens=False)

@@ -7,7 +7,6 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
@@ -23,6 +22,7 @@ from rillm.server.params import sampling_params, structured_outputs
 from rillm.server.protocol import ChatCompletionRequest, ChatMessage, Tool
 from rillm.server.sse import DONE, KEEPALIVE
 from rillm.server.streaming import logprob_entries
+from rillm.server.templates import TemplateJob, TemplateRejected, rejected
 
 RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "chat_template", "tools", "documents", "add_generation_prompt",
@@ -31,10 +31,10 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 })
 
 
-def render_chat(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage],
-                add_generation_prompt: bool, chat_template: str | None,
-                tools: Sequence[Tool] | None = None,
-                template_kwargs: dict[str, Any] | None = None) -> str:
+def template_job(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage],
+                 add_generation_prompt: bool, chat_template: str | None,
+                 tools: Sequence[Tool] | None = None,
+                 template_kwargs: dict[str, Any] | None = None) -> TemplateJob:
     if chat_template is not None and not state.config.trust_request_chat_template:
         raise APIError(400, "a chat_template in the request is refused: a template runs on the "
                        "server, so only one started with --trust-request-chat-template takes "
@@ -48,29 +48,27 @@ def render_chat(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage]
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
                        param="chat_template_kwargs")
-    conversation = [_template_message(message) for message in messages]
+    return TemplateJob([_template_message(message) for message in messages], template,
+                       add_generation_prompt,
+                       [tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
+                       kwargs)
+
+
+async def render_chat(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage],
+                      add_generation_prompt: bool, chat_template: str | None,
+                      tools: Sequence[Tool] | None = None,
+                      template_kwargs: dict[str, Any] | None = None) -> str:
+    """The prompt text: a request's own template in the sandbox process (rillm/server/
+    templates.py), the server's here — on a worker thread once the messages are long."""
+    job = template_job(state, engine, messages, add_generation_prompt, chat_template, tools,
+                       template_kwargs)
+    if chat_template is not None:
+        return await state.templates.render(engine.tokenizer, job)
     try:
-        text = engine.tokenizer.apply_chat_template(
-            conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-            tools=[tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
-            **kwargs,
-        )
-    except (jinja2.TemplateError, ValueError, TypeError) as exc:
-        raise APIError(400, f"the chat template rejected these messages: {exc}",
-                       param="messages") from None
-    return str(text)
-
-
-async def render_chat_off_loop(state: Any, engine: AsyncEngine,
-                               messages: Sequence[ChatMessage], add_generation_prompt: bool,
-                               chat_template: str | None, tools: Sequence[Tool] | None = None,
-                               template_kwargs: dict[str, Any] | None = None) -> str:
-    """`render_chat` on a worker thread where the work may be large: a request's own template
-    (loops the server does not know), or long messages."""
-    large = chat_template is not None or sum(len(m.text()) for m in messages) > INLINE_CHARS
-    return await off_loop(large, render_chat, state, engine, messages, add_generation_prompt,
-                          chat_template, tools, template_kwargs)
+        return await off_loop(sum(len(m.text()) for m in messages) > INLINE_CHARS,
+                              job.render, engine.tokenizer)
+    except TemplateRejected as exc:
+        raise rejected(str(exc)) from None
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:
@@ -102,8 +100,8 @@ async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatComp
                                  request: Request) -> Response:
     state.check_model(body.model)
     kwargs = template_kwargs(state.config, body)
-    text = await render_chat_off_loop(state, engine, body.messages, body.add_generation_prompt,
-                                      body.chat_template, body.tools, kwargs)
+    text = await render_chat(state, engine, body.messages, body.add_generation_prompt,
+                             body.chat_template, body.tools, kwargs)
     prompt_ids = await encode(engine.tokenizer, text, add_special_tokens=False)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \

@@ -43,6 +43,9 @@ class ServerConfig:
     trust_request_chat_template: bool = False
     """Whether a request may bring its own `chat_template` (it runs on the server; vLLM's
     flag of the same name). Off: such a request is a 400."""
+    chat_template_timeout: float = 10.0
+    """Seconds a request's own chat template may take to render (in its sandbox process,
+    rillm/server/templates.py); then a 400."""
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     """Open connections, header / body and send timeouts (rillm/server/connections.py)."""
     stream_resume_window: float = 0.0
@@ -74,6 +77,8 @@ class ServerConfig:
             raise ValueError("max_request_body_bytes must be at least 1024")
         if self.grammar_compile_timeout <= 0:
             raise ValueError("grammar_compile_timeout must be positive")
+        if self.chat_template_timeout <= 0:
+            raise ValueError("chat_template_timeout must be positive")
         if self.stream_resume_window < 0:
             raise ValueError("stream_resume_window must not be negative")
         if self.keepalive_interval <= 0:
