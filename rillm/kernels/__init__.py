@@ -53,6 +53,8 @@ from pathlib import Path
 
 import torch
 
+from rillm.private_cache import UntrustedCache, private_dir, private_file
+
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -123,12 +125,12 @@ def _build(cache_dir: Path) -> Path:
     if compiler is None:
         raise OSError("no C++ compiler (c++ or g++) on PATH")
     flags = [*CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    library = cache_dir / f"rillm_kernels_{_build_key(flags)}.so"
+    library = library_path(cache_dir, f"rillm_kernels_{_build_key(flags)}.so")
     if library.exists():
         return library
+    cache_dir = library.parent
     from torch.utils import cpp_extension  # 0.1 s of imports (setuptools): only to build
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
     includes = [f for path in cpp_extension.include_paths() for f in ("-isystem", path)]
     libraries = [f"-L{path}" for path in cpp_extension.library_paths()]
     # Build beside the target and rename: a concurrent build or a crash never leaves a
@@ -149,6 +151,21 @@ def _build(cache_dir: Path) -> Path:
         if os.path.exists(partial):
             os.unlink(partial)
     return library
+
+
+def library_path(cache_dir: Path, name: str) -> Path:
+    """Where the library `name` is, or is to be built: in `cache_dir` where no other user can
+    have written it (rillm/private_cache.py), else in a new private directory of this
+    process's (logged: the kernels are then built at every start)."""
+    try:
+        library = private_dir(cache_dir) / name
+        if library.exists() or library.is_symlink():
+            private_file(library)
+        return library
+    except UntrustedCache as reason:
+        logger.warning("rillm's kernel cache is not used (%s): building into a private "
+                       "directory for this process", reason)
+        return Path(tempfile.mkdtemp(prefix="rillm-kernels-")) / name
 
 
 def _build_key(flags: list[str]) -> str:

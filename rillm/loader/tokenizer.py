@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rillm.loader.errors import ModelLoadError
+from rillm.private_cache import UntrustedCache, private_dir, private_file
+
+logger = logging.getLogger(__name__)
 
 
 def load_hf_tokenizer(directory: str) -> PreTrainedTokenizerBase:
@@ -35,8 +40,8 @@ def load_gguf_tokenizer(path: str, cache_dir: str | None = CACHE_DIR) -> PreTrai
     cached = _cache_entry(path, cache_dir)
     if cached is not None and os.path.isfile(os.path.join(cached, "tokenizer.json")):
         try:
-            return load_hf_tokenizer(cached)
-        except ModelLoadError:
+            return load_hf_tokenizer(_private_entry(cached))
+        except (ModelLoadError, UntrustedCache):
             shutil.rmtree(cached, ignore_errors=True)  # rebuilt and saved again below
     tokenizer = _checked(path, lambda: AutoTokenizer.from_pretrained(directory, gguf_file=name))
     if cached is not None:
@@ -45,14 +50,28 @@ def load_gguf_tokenizer(path: str, cache_dir: str | None = CACHE_DIR) -> PreTrai
 
 
 def _cache_entry(path: str, cache_dir: str | None) -> str | None:
+    """The entry for `path` in `cache_dir`; None: no cache, or one another user could have
+    written (its chat template would run on every request; rillm/private_cache.py)."""
     if cache_dir is None:
         return None
     try:
         stat = os.stat(path)
+        private_dir(Path(cache_dir))
+    except UntrustedCache as reason:
+        logger.warning("the tokenizer cache is not used: %s", reason)
+        return None
     except OSError:
         return None
     key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
     return os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:24])
+
+
+def _private_entry(entry: str) -> str:
+    """`entry` once it and each file in it are this user's alone (else UntrustedCache)."""
+    private_dir(Path(entry))
+    for name in os.listdir(entry):
+        private_file(Path(entry) / name)
+    return entry
 
 
 def _save(tokenizer: PreTrainedTokenizerBase, target: str) -> None:

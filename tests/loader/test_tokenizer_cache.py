@@ -4,6 +4,7 @@ tokenizer built from the file."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from rillm.loader import default_model_path
 from rillm.loader.tokenizer import load_gguf_tokenizer
@@ -46,3 +47,32 @@ def test_an_unwritable_cache_is_skipped(tmp_path):
     blocked.write_text("")
     tokenizer = load_gguf_tokenizer(default_model_path(), cache_dir=str(blocked / "sub"))
     assert tokenizer.encode("Hello", add_special_tokens=False)
+
+
+def _poisoned_entry(cache: Path) -> Path:
+    """A cache entry for the default model whose chat template someone else wrote."""
+    load_gguf_tokenizer(default_model_path(), cache_dir=str(cache))
+    (entry,) = cache.iterdir()
+    (entry / "chat_template.jinja").write_text("POISON {{ messages }}")
+    return entry
+
+
+def test_a_cache_others_can_write_is_neither_read_nor_written(tmp_path):
+    """Its chat template would run on every request: a cache directory every user can write
+    is not trusted (rillm/private_cache.py)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    entry = _poisoned_entry(shared)
+    shared.chmod(0o777)
+    tokenizer = load_gguf_tokenizer(default_model_path(), cache_dir=str(shared))
+    assert "POISON" not in tokenizer.chat_template
+    assert list(shared.iterdir()) == [entry]
+
+
+def test_a_cached_file_others_can_write_is_replaced(tmp_path):
+    entry = _poisoned_entry(tmp_path)
+    (entry / "chat_template.jinja").chmod(0o666)
+    tokenizer = load_gguf_tokenizer(default_model_path(), cache_dir=str(tmp_path))
+    assert "POISON" not in tokenizer.chat_template
+    template = entry / "chat_template.jinja"  # saved again, this user's alone
+    assert "POISON" not in template.read_text() and template.stat().st_mode & 0o022 == 0
