@@ -40,6 +40,9 @@ from rillm.server.templates import TemplateSandbox
 
 logger = logging.getLogger(__name__)
 
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+"""The routes whose requests take places in the queue."""
+
 
 @dataclass
 class ServerState:
@@ -108,7 +111,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     install_openapi(app)
     app.add_middleware(RequestGate, api_key=config.api_key,
                        max_body_bytes=config.max_request_body_bytes,
-                       hosts=allowed_hosts(config.host, config.allowed_hosts))
+                       hosts=allowed_hosts(config.host, config.allowed_hosts),
+                       refuse=_refuse_early(state))
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                            allow_methods=["*"], allow_headers=["*"])
@@ -230,12 +234,8 @@ async def _generation(
     the check together; the place is given back when the response is over (a stream's end,
     however it ends) or the handler fails."""
     engine = state.ready_engine()
-    limit = state.config.max_queued_requests
-    waiting = state.num_sequences - engine.max_num_seqs
-    if limit is not None and state.num_sequences and waiting + sequences > limit:
-        raise APIError(429, f"the server is busy: {max(waiting, 0)} sequences are already "
-                       f"waiting (at most {limit}); retry shortly", code="queue_full",
-                       headers={"Retry-After": "1"})
+    if (busy := _queue_full(state, engine, sequences)) is not None:
+        raise busy
     state.num_active += 1
     state.num_sequences += sequences
     released = False
@@ -259,6 +259,33 @@ async def _generation(
     else:
         release()
     return response
+
+
+def _queue_full(state: ServerState, engine: AsyncEngine, sequences: int) -> APIError | None:
+    """The 429 for a request of `sequences` sequences, where it would make more than
+    `max_queued_requests` wait beyond the batch; None: admitted."""
+    limit = state.config.max_queued_requests
+    waiting = state.num_sequences - engine.max_num_seqs
+    if limit is None or not state.num_sequences or waiting + sequences <= limit:
+        return None
+    return APIError(429, f"the server is busy: {max(waiting, 0)} sequences are already "
+                    f"waiting (at most {limit}); retry shortly", code="queue_full",
+                    headers={"Retry-After": "1"})
+
+
+def _refuse_early(state: ServerState) -> Callable[[str, str, bool], APIError | None]:
+    """For the gate: a generation request's 429 from its head alone, where the queue has no
+    room even for one sequence — before its body is read and parsed, which under a burst
+    cost more than the refusal (a resumed stream takes no new place)."""
+
+    def refuse(method: str, path: str, resuming: bool) -> APIError | None:
+        engine = state.engine
+        if method != "POST" or path not in GENERATION_PATHS or resuming \
+                or engine is None or not engine.is_running:
+            return None
+        return _queue_full(state, engine, 1)
+
+    return refuse
 
 
 async def _load(state: ServerState, load_engine: Callable[[], AsyncEngine]) -> None:

@@ -65,8 +65,12 @@ def key_matches(header: str, expected: bytes) -> bool:
 
 class RequestGate:
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
-                 hosts: frozenset[str] | None = None) -> None:
+                 hosts: frozenset[str] | None = None,
+                 refuse: Callable[[str, str, bool], APIError | None] | None = None) -> None:
+        """`refuse(method, path, resuming)`: the app's answer to a request it can judge by its
+        head alone (a full queue), given before the body is read; None: let it through."""
         self.app = app
+        self.refuse = refuse
         self.hosts = hosts
         self.api_key = api_key.encode("utf-8") if api_key is not None else None
         self.max_body_bytes = max_body_bytes
@@ -105,6 +109,10 @@ class RequestGate:
         if declared is not None and (not declared.isdigit()
                                      or int(declared) > self.max_body_bytes):
             await self._too_large().response()(scope, receive, send)
+            return
+        if self.refuse is not None and (refused := self.refuse(
+                scope.get("method", ""), scope.get("path", ""), b"last-event-id" in headers)):
+            await refused.response()(scope, receive, send)
             return
         self.in_flight += 1
         try:

@@ -319,6 +319,31 @@ def test_full_queue_answers_429_with_retry_after(guarded_server):
     wait_until_idle(guarded_server)
 
 
+def test_a_full_queue_refuses_before_reading_the_body(guarded_server):
+    """Under a burst the refusals must be cheap: with no room for even one sequence, the 429
+    answers from the request's head, before its body is read (a body never sent here)."""
+    long = {"model": "house-model", "prompt": "Count:", "max_tokens": 4000, "ignore_eos": True,
+            "stream": True}
+    url = f"{guarded_server.v1}/completions"
+    host, port = guarded_server.base_url.removeprefix("http://").split(":")
+    with httpx.stream("POST", url, json=long, timeout=120, headers=guarded_server.headers()
+                      ) as running, httpx.stream("POST", url, json=long, timeout=120,
+                                                 headers=guarded_server.headers()) as waiting:
+        assert running.status_code == waiting.status_code == 200
+        for key, status in (("sesame", 429), ("wrong", 401)):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             f"Authorization: Bearer {key}\r\nContent-Type: application/json"
+                             f"\r\nContent-Length: 1000\r\n\r\n".encode())
+                started = time.monotonic()
+                head = sock.recv(65536)
+                assert time.monotonic() - started < 2  # the header timeout is 10 s
+                assert head.startswith(f"HTTP/1.1 {status} ".encode()), head[:200]
+                if status == 429:
+                    assert b"\r\nretry-after: 1\r\n" in head.lower()
+    wait_until_idle(guarded_server)
+
+
 def test_the_queue_bound_counts_sequences_not_requests(guarded_server):
     """One running + one waiting, in sequences: while one request runs, an n=3 request (or
     three prompts) would put 3 in the queue: a 429. On an idle server it runs alone."""
