@@ -32,6 +32,7 @@ from rillm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
 from rillm.server.resume import StreamRegistry
@@ -40,7 +41,7 @@ from rillm.server.templates import TemplateSandbox
 
 logger = logging.getLogger(__name__)
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 """The routes whose requests take places in the queue."""
 
 
@@ -170,6 +171,15 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
         if (resumed := _resume(state, request)) is not None:
             return resumed
         return await _generation(state, body.n, lambda engine: create_chat_completion(
+            state, engine, body, request))
+
+    @app.post("/v1/responses", responses=GENERATION_RESPONSES)
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        from rillm.server.responses import create_response
+
+        if (resumed := _resume(state, request)) is not None:
+            return resumed
+        return await _generation(state, 1, lambda engine: create_response(
             state, engine, body, request))
 
     @app.post("/v1/completions", responses=GENERATION_RESPONSES)

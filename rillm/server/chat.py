@@ -98,6 +98,24 @@ def _json_or_text(text: str) -> Any:
 
 async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatCompletionRequest,
                                  request: Request) -> Response:
+    generation, plan = await prepare_chat(state, engine, body, "chatcmpl-")
+    if body.stream:
+        interval = body.stream_interval or state.config.stream_interval
+        options = body.stream_options
+        return generation.stream_response(_chat_stream(
+            generation, interval, plan,
+            include_usage=bool(options and options.include_usage),
+            continuous_usage=bool(options and options.continuous_usage_stats),
+            logprobs=body.logprobs,
+        ))
+    final = await run_until_disconnect(request, generation.collect())
+    return JSONResponse(_chat_response(generation, final, plan, body.logprobs))
+
+
+async def prepare_chat(state: Any, engine: AsyncEngine, body: ChatCompletionRequest,
+                       id_prefix: str) -> tuple[Generation, ChatOutputPlan]:
+    """A chat request rendered, checked and admitted: its generation (not started) and how
+    its output is to be read. The Responses and Messages APIs come through here too."""
     state.check_model(body.model)
     kwargs = template_kwargs(state.config, body)
     text = await render_chat(state, engine, body.messages, body.add_generation_prompt,
@@ -119,19 +137,9 @@ async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatComp
     params = sampling_params(body, max_tokens, logprobs, constraint)
     limits = await admit(engine, [prompt_ids], params,
                          {"prompt": "messages", "max_tokens": param})
-    generation = Generation(state, engine, f"chatcmpl-{uuid.uuid4().hex}", body.model
+    generation = Generation(state, engine, f"{id_prefix}{uuid.uuid4().hex}", body.model
                             or state.model_name, [prompt_ids], params, limits)
-    if body.stream:
-        interval = body.stream_interval or state.config.stream_interval
-        options = body.stream_options
-        return generation.stream_response(_chat_stream(
-            generation, interval, plan,
-            include_usage=bool(options and options.include_usage),
-            continuous_usage=bool(options and options.continuous_usage_stats),
-            logprobs=body.logprobs,
-        ))
-    final = await run_until_disconnect(request, generation.collect())
-    return JSONResponse(_chat_response(generation, final, plan, body.logprobs))
+    return generation, plan
 
 
 def _chat_response(generation: Generation, final: RequestOutput, plan: ChatOutputPlan,
@@ -150,7 +158,7 @@ def _chat_response(generation: Generation, final: RequestOutput, plan: ChatOutpu
                 message["reasoning"] = parsed.reasoning or None
             if calls:
                 message["tool_calls"] = calls
-                finish_reason = _tool_finish(finish_reason)
+                finish_reason = tool_finish(finish_reason)
         choices.append({
             "index": choice.index,
             "message": message,
@@ -165,17 +173,17 @@ def _chat_response(generation: Generation, final: RequestOutput, plan: ChatOutpu
         "created": generation.created,
         "model": generation.model,
         "choices": choices,
-        "usage": generation.usage(final, _reasoning_tokens(
+        "usage": generation.usage(final, reasoning_tokens(
             generation, plan, [c.token_ids for c in final.outputs])),
     }
 
 
-def _tool_finish(finish_reason: str | None) -> str | None:
+def tool_finish(finish_reason: str | None) -> str | None:
     """A choice that made tool calls and stopped by itself finished to call them."""
     return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
-def _reasoning_tokens(generation: Generation, plan: ChatOutputPlan,
+def reasoning_tokens(generation: Generation, plan: ChatOutputPlan,
                       outputs: Sequence[Sequence[int]]) -> int | None:
     factory = plan.reasoning_factory()
     if factory is None:
@@ -232,7 +240,7 @@ async def _chat_stream(generation: Generation, interval: int, plan: ChatOutputPl
                 if finish_reason is not None:
                     message = message.then(parser.finish())
                     if parser.tool_calls:
-                        finish_reason = _tool_finish(finish_reason)
+                        finish_reason = tool_finish(finish_reason)
                 delta = _delta(message, plan)
             if delta or (logprobs and piece.logprobs):
                 yield chunk({
@@ -247,7 +255,7 @@ async def _chat_stream(generation: Generation, interval: int, plan: ChatOutputPl
                              "stop_reason": piece.stop_reason})
         if include_usage:
             usage = generation.usage_counts(
-                completion_tokens, _reasoning_tokens(generation, plan, token_ids))
+                completion_tokens, reasoning_tokens(generation, plan, token_ids))
             yield generation.event(obj, [], usage=usage)
     except Exception as exc:  # noqa: BLE001 - after the 200, errors travel in the stream
         yield error_event(exc)

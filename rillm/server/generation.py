@@ -53,6 +53,8 @@ class Generation:
         self.max_tokens = list(max_tokens)
         self.params = params
         self.num_prompt_tokens = sum(len(p) for p in self.prompts)
+        self.num_cached_tokens = 0
+        """Prompt tokens found in the prefix cache (known once the first output arrived)."""
         self._request_ids = [
             response_id if len(self.prompts) == 1 else f"{response_id}-{i}"
             for i in range(len(self.prompts))
@@ -73,6 +75,8 @@ class Generation:
             async for output in engine_events(self.engine, self.prompts[0], self.params,
                                               self.max_tokens[0], self._request_ids[0],
                                               keepalive):
+                if output is not None and output.num_cached_tokens:
+                    self.num_cached_tokens = output.num_cached_tokens
                 yield output
             return
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    Tag,
+)
 
 
 def _unicode(value: str) -> str:
@@ -185,6 +195,163 @@ class CompletionRequest(SamplingFields):
     logprobs: StrictInt | None = None
     suffix: Text | None = None
     best_of: StrictInt | None = None
+
+
+# The Responses API (POST /v1/responses): input items, function tools, text formats. Every
+# field of the openai SDK's ResponseCreateParams is accepted; those that need state rillm does
+# not keep (stored responses, conversations, prompts, background runs) are a 400 when set.
+
+
+class InputText(_Strict):
+    type: Literal["input_text", "output_text"]
+    text: Text
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+
+class InputMedia(_Strict):
+    """An image, file or audio part: this server's models read text only (a 400 says so)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["input_image", "input_file", "input_audio"]
+
+
+class InputMessage(_Strict):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Text | list[InputText | InputMedia | RefusalPart]
+    id: Text | None = None
+    status: Text | None = None
+    phase: Text | None = None
+
+
+class RefusalPart(_Strict):
+    type: Literal["refusal"]
+    refusal: Text
+
+
+class FunctionCallItem(_Strict):
+    type: Literal["function_call"]
+    call_id: Text
+    name: Text
+    arguments: Text
+    id: Text | None = None
+    status: Text | None = None
+    namespace: Text | None = None
+
+
+class FunctionCallOutputItem(_Strict):
+    type: Literal["function_call_output"]
+    call_id: Text
+    output: Text | list[InputText | InputMedia]
+    id: Text | None = None
+    status: Text | None = None
+    name: Text | None = None
+    namespace: Text | None = None
+
+
+class ReasoningItem(_Strict):
+    """An earlier response's reasoning sent back: accepted, not rendered (as chat templates
+    show the answer, not the thinking)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["reasoning"]
+
+
+def _item_type(item: Any) -> str:
+    """An input item's kind: its `type`, "message" where it has none (EasyInputMessage)."""
+    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "")
+    return kind if isinstance(kind, str) else ""
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
+    Discriminator(_item_type)]
+
+
+class FunctionTool(_Strict):
+    type: Literal["function"]
+    name: Text = Field(min_length=1)
+    description: Text | None = None
+    parameters: JSONObject | None = None
+    strict: StrictBool | None = None
+
+
+class ResponsesToolChoice(_Strict):
+    type: Literal["function"]
+    name: Text
+
+
+class TextFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    name: Text | None = None
+    description: Text | None = None
+    json_schema: JSONObject | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ReasoningConfig(_Strict):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class ResponsesStreamOptions(_Strict):
+    include_obfuscation: StrictBool | None = None
+
+
+class ResponsesRequest(_Strict):
+    model: Text | None = None
+    input: Text | list[InputItem]
+    instructions: Text | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    max_output_tokens: StrictInt | None = None
+    max_tool_calls: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_logprobs: StrictInt | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    stream: StrictBool = False
+    stream_options: ResponsesStreamOptions | None = None
+    metadata: dict[str, Text] | None = None
+    store: StrictBool | None = None
+    previous_response_id: Text | None = None
+    conversation: Any = None
+    prompt: Any = None
+    background: StrictBool | None = None
+    include: list[Text] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    user: Text | None = None
+    safety_identifier: Text | None = None
+    prompt_cache_key: Text | None = None
+    prompt_cache_retention: Text | None = None
+    service_tier: Text | None = None
+    # Accepted for the SDK's sake; nothing here acts on them.
+    access_programs: Any = None
+    background_options: Any = None
+    context_management: Any = None
+    image: Any = None
+    moderation: Any = None
+    prompt_cache_options: Any = None
+    # The engine's extras (extra_body), as on chat.
+    seed: StrictInt | None = None
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    ignore_eos: StrictBool = False
+    stream_interval: StrictInt | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    chat_template_kwargs: JSONObject | None = None
 
 
 class TokenizeRequest(_Strict):

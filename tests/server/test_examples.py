@@ -37,3 +37,10 @@ def test_collect_stream_reports_finish_and_usage(server):
 def test_stream_reasoning_prints_content_for_a_plain_model(server, question):
     out = run_example(server, "stream_reasoning.py", question)
     assert out.strip() and "[reasoning]" not in out
+
+
+def test_stream_responses_prints_text_then_the_items_and_usage(server):
+    out = run_example(server, "stream_responses.py", "Name three rivers.")
+    text, _, rest = out.partition("\n[message ")
+    assert text.strip() and rest.startswith(("completed]", "incomplete]"))
+    assert rest.rstrip("\n").splitlines()[-1].startswith(("[completed: ", "[incomplete: "))
