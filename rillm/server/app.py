@@ -31,7 +31,9 @@ from rillm.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, install
 from rillm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    CountTokensRequest,
     DetokenizeRequest,
+    MessagesRequest,
     ResponsesRequest,
     TokenizeRequest,
 )
@@ -41,7 +43,8 @@ from rillm.server.templates import TemplateSandbox
 
 logger = logging.getLogger(__name__)
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses",
+                              "/v1/messages"})
 """The routes whose requests take places in the queue."""
 
 
@@ -181,6 +184,21 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
             return resumed
         return await _generation(state, 1, lambda engine: create_response(
             state, engine, body, request))
+
+    @app.post("/v1/messages", responses=GENERATION_RESPONSES)
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        from rillm.server.messages import create_message
+
+        if (resumed := _resume(state, request)) is not None:
+            return resumed
+        return await _generation(state, 1, lambda engine: create_message(
+            state, engine, body, request))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(body: CountTokensRequest) -> dict[str, int]:
+        from rillm.server.messages import count_tokens
+
+        return await count_tokens(state, state.ready_engine(), body)
 
     @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -25,6 +25,21 @@ def error_type(status: int) -> str:
     return "invalid_request_error" if 400 <= status < 500 else "server_error"
 
 
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                   403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                   429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+
+
+def anthropic_route(path: str) -> bool:
+    """Anthropic's Messages API, whose clients read Anthropic's error shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
@@ -39,8 +54,11 @@ class APIError(Exception):
         return error_body(self.message, error_type(self.status), self.param,
                           self.code)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        """The error as the route at `path` answers it (Anthropic's shape on its API)."""
+        body = anthropic_error_body(self.status, self.message) if anthropic_route(path) \
+            else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
     @classmethod
     def from_invalid(cls, exc: InvalidParameterError,
@@ -53,27 +71,26 @@ class APIError(Exception):
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response(request.url.path)
 
     @app.exception_handler(InvalidParameterError)
-    async def invalid_parameter(_: Request, exc: InvalidParameterError) -> JSONResponse:
-        return APIError.from_invalid(exc).response()
+    async def invalid_parameter(request: Request, exc: InvalidParameterError) -> JSONResponse:
+        return APIError.from_invalid(exc).response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_api_error(exc.errors()).response()
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_api_error(exc.errors()).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return APIError(exc.status_code, str(exc.detail),
-                        headers=getattr(exc, "headers", None)).response()
+                        headers=getattr(exc, "headers", None)).response(request.url.path)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return JSONResponse(error_body("internal server error", "server_error", None, None),
-                            status_code=500)
+        return APIError(500, "internal server error").response(request.url.path)
 
 
 def validation_api_error(errors: Any) -> APIError:

@@ -55,12 +55,13 @@ def guarded(path: str) -> bool:
                                                "/openapi.json")
 
 
-def key_matches(header: str, expected: bytes) -> bool:
-    """`Authorization: Bearer KEY`, compared in constant time as bytes (a header is latin-1
-    text, any byte; compare_digest refuses a str once it is not ASCII)."""
-    scheme, _, token = header.partition(" ")
-    sent = token.strip().encode("latin-1", "replace")
-    return scheme.lower() == "bearer" and hmac.compare_digest(sent, expected)
+def key_matches(headers: dict[bytes, bytes], expected: bytes) -> bool:
+    """`Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY` (Anthropic's),
+    compared in constant time as bytes (a header is latin-1 text, any byte)."""
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    bearer = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected)
+    anthropic = hmac.compare_digest(headers.get(b"x-api-key", b"").strip(), expected)
+    return bearer or anthropic
 
 
 class RequestGate:
@@ -86,7 +87,7 @@ class RequestGate:
             error = APIError(431, f"the request line and headers are larger than "
                              f"{MAX_HEADER_BYTES} bytes", code="headers_too_large",
                              headers={"Connection": "close"})
-            await error.response()(scope, receive, send)
+            await error.response(scope.get("path", ""))(scope, receive, send)
             return
         headers = {name.lower(): value for name, value in raw}
         host = headers.get(b"host")
@@ -95,24 +96,23 @@ class RequestGate:
             error = APIError(400, "this server does not answer to that Host name (it listens on "
                              "a loopback address; --allowed-hosts adds names)",
                              code="host_not_allowed")
-            await error.response()(scope, receive, send)
+            await error.response(scope.get("path", ""))(scope, receive, send)
             return
         if (self.api_key is not None and scope.get("method") != "OPTIONS"
                 and guarded(scope.get("path", ""))
-                and not key_matches(headers.get(b"authorization", b"").decode("latin-1"),
-                                    self.api_key)):
-            error = APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                             code="invalid_api_key")
-            await error.response()(scope, receive, send)
+                and not key_matches(headers, self.api_key)):
+            error = APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' "
+                             "or 'x-api-key: KEY')", code="invalid_api_key")
+            await error.response(scope.get("path", ""))(scope, receive, send)
             return
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit()
                                      or int(declared) > self.max_body_bytes):
-            await self._too_large().response()(scope, receive, send)
+            await self._too_large().response(scope.get("path", ""))(scope, receive, send)
             return
         if self.refuse is not None and (refused := self.refuse(
                 scope.get("method", ""), scope.get("path", ""), b"last-event-id" in headers)):
-            await refused.response()(scope, receive, send)
+            await refused.response(scope.get("path", ""))(scope, receive, send)
             return
         self.in_flight += 1
         try:
@@ -160,4 +160,4 @@ class RequestGate:
             if not over:
                 raise  # the app's own failure: the server's 500 handler answers it
         if over and not started:
-            await self._too_large().response()(scope, counted_receive, send)
+            await self._too_large().response(scope.get("path", ""))(scope, counted_receive, send)

@@ -354,6 +354,130 @@ class ResponsesRequest(_Strict):
     chat_template_kwargs: JSONObject | None = None
 
 
+# Anthropic's Messages API (POST /v1/messages): content blocks, tools, thinking. Fields of
+# the anthropic SDK's MessageCreateParams that change nothing here (cache_control, metadata,
+# service tier, ...) are accepted; unknown ones are a 400 as on OpenAI's routes.
+
+
+class _Block(_Strict):
+    model_config = ConfigDict(extra="forbid")
+    cache_control: Any = None
+
+
+class AnthropicText(_Block):
+    type: Literal["text"]
+    text: Text
+    citations: Any = None
+
+
+class AnthropicMedia(_Block):
+    """Images and documents: this server's models read text only (a 400 says so)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image", "document", "search_result", "container_upload"]
+
+
+class AnthropicToolUse(_Block):
+    type: Literal["tool_use"]
+    id: Text
+    name: Text
+    input: JSONObject
+    caller: Any = None
+    toolset_name: Text | None = None
+
+
+class AnthropicToolResult(_Block):
+    type: Literal["tool_result"]
+    tool_use_id: Text
+    content: Text | list[AnthropicText | AnthropicMedia] | None = None
+    is_error: StrictBool | None = None
+    toolset_name: Text | None = None
+
+
+class AnthropicThinking(_Block):
+    """Earlier thinking sent back: accepted, not rendered."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["thinking", "redacted_thinking"]
+
+
+AnthropicBlock = Annotated[AnthropicText | AnthropicMedia | AnthropicToolUse
+                           | AnthropicToolResult | AnthropicThinking,
+                           Field(discriminator="type")]
+
+
+class AnthropicMessage(_Strict):
+    role: Literal["user", "assistant"]
+    content: Text | list[AnthropicBlock]
+
+
+class AnthropicTool(_Strict):
+    name: Text = Field(min_length=1)
+    description: Text | None = None
+    input_schema: JSONObject
+    type: Literal["custom"] | None = None
+    strict: StrictBool | None = None
+    cache_control: Any = None
+    allowed_callers: Any = None
+    defer_loading: StrictBool | None = None
+    eager_input_streaming: StrictBool | None = None
+    input_examples: Any = None
+
+
+class AnthropicToolChoice(_Strict):
+    type: Literal["auto", "any", "tool", "none"]
+    name: Text | None = None
+    disable_parallel_tool_use: StrictBool | None = None
+
+
+class AnthropicThinkingConfig(_Strict):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: StrictInt | None = None
+    display: Text | None = None
+
+
+class MessagesRequest(_Strict):
+    model: Text | None = None
+    max_tokens: StrictInt
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: Text | list[AnthropicText] | None = None
+    stop_sequences: list[Text] | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None
+    stream: StrictBool = False
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+    thinking: AnthropicThinkingConfig | None = None
+    metadata: dict[str, Any] | None = None
+    # Accepted for the SDK's sake; nothing here acts on them.
+    service_tier: Text | None = None
+    cache_control: Any = None
+    container: Any = None
+    diagnostics: Any = None
+    inference_geo: Text | None = None
+    output_config: Any = None
+    speed: Text | None = None
+    # The engine's extras, as on OpenAI's routes.
+    seed: StrictInt | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    ignore_eos: StrictBool = False
+    stream_interval: StrictInt | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    chat_template_kwargs: JSONObject | None = None
+
+
+class CountTokensRequest(_Strict):
+    model: Text | None = None
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: Text | list[AnthropicText] | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+    thinking: AnthropicThinkingConfig | None = None
+    cache_control: Any = None
+
+
 class TokenizeRequest(_Strict):
     model: Text | None = None
     prompt: Text | None = None

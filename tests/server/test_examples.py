@@ -13,7 +13,8 @@ EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
 def run_example(server, name: str, *args: str) -> str:
-    env = {**os.environ, "OPENAI_BASE_URL": server.v1, "OPENAI_API_KEY": "EMPTY"}
+    env = {**os.environ, "OPENAI_BASE_URL": server.v1, "OPENAI_API_KEY": "EMPTY",
+           "ANTHROPIC_BASE_URL": server.base_url, "ANTHROPIC_API_KEY": "EMPTY"}
     result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -44,3 +45,10 @@ def test_stream_responses_prints_text_then_the_items_and_usage(server):
     text, _, rest = out.partition("\n[message ")
     assert text.strip() and rest.startswith(("completed]", "incomplete]"))
     assert rest.rstrip("\n").splitlines()[-1].startswith(("[completed: ", "[incomplete: "))
+
+
+def test_stream_anthropic_prints_text_then_the_stop_reason(server):
+    out = run_example(server, "stream_anthropic.py", "Name three rivers.")
+    text, _, summary = out.rstrip("\n").rpartition("\n")
+    assert text.strip()
+    assert summary.startswith(("[end_turn: ", "[max_tokens: ")) and summary.endswith(" out]")
