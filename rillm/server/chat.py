@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -19,10 +20,20 @@ from rillm.server.errors import APIError
 from rillm.server.generation import Generation, admit, error_event, run_until_disconnect
 from rillm.server.offload import INLINE_CHARS, encode, off_loop
 from rillm.server.params import sampling_params, structured_outputs
-from rillm.server.protocol import ChatCompletionRequest, ChatMessage, Tool
+from rillm.server.protocol import (
+    IGNORED_CHAT_FIELDS,
+    ChatCompletionRequest,
+    ChatMessage,
+    MediaPart,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+)
 from rillm.server.sse import DONE, KEEPALIVE
 from rillm.server.streaming import logprob_entries
 from rillm.server.templates import TemplateJob, TemplateRejected, rejected
+
+logger = logging.getLogger(__name__)
 
 RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "chat_template", "tools", "documents", "add_generation_prompt",
@@ -48,6 +59,13 @@ def template_job(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
                        param="chat_template_kwargs")
+    for i, message in enumerate(messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+            if isinstance(part, MediaPart):
+                raise APIError(400, f"this server's model reads text only; messages.{i}."
+                               f"content.{j} is an {part.type} part",
+                               param=f"messages.{i}.content.{j}.type",
+                               code="unsupported_content")
     return TemplateJob([_template_message(message) for message in messages], template,
                        add_generation_prompt,
                        [tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
@@ -72,17 +90,23 @@ async def render_chat(state: Any, engine: AsyncEngine, messages: Sequence[ChatMe
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:
-    entry: dict[str, Any] = {"role": message.role, "content": message.text()}
+    # The legacy "function" role is a tool's answer.
+    role = "tool" if message.role == "function" else message.role
+    entry: dict[str, Any] = {"role": role, "content": message.text()}
     if message.name is not None:
         entry["name"] = message.name
-    if message.tool_calls:
+    calls = list(message.tool_calls or ())
+    if message.function_call is not None:  # the legacy form of one call
+        calls.append(ToolCall(id=f"call_{message.function_call.name}",
+                              function=message.function_call))
+    if calls:
         # Templates format the arguments themselves (often with `| tojson`): give them the
         # object, as Hugging Face templates expect, not OpenAI's JSON string.
         entry["tool_calls"] = [
             {"id": call.id, "type": call.type,
              "function": {"name": call.function.name,
                           "arguments": _json_or_text(call.function.arguments)}}
-            for call in message.tool_calls
+            for call in calls
         ]
     if message.tool_call_id is not None:
         entry["tool_call_id"] = message.tool_call_id
@@ -112,11 +136,44 @@ async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatComp
     return JSONResponse(_chat_response(generation, final, plan, body.logprobs))
 
 
+def _spec_fields(body: ChatCompletionRequest) -> ChatCompletionRequest:
+    """OpenAI's fields that rillm maps onto its own: `functions` / `function_call` (the
+    legacy tools), `reasoning_effort` (the chat template's thinking switch); a 400 for audio
+    output; one debug line for the fields accepted and ignored."""
+    ignored = [name for name in IGNORED_CHAT_FIELDS if getattr(body, name) is not None]
+    if ignored:
+        logger.debug("chat request: accepted and ignored: %s", ", ".join(ignored))
+    if body.audio is not None or "audio" in (body.modalities or ()):
+        raise APIError(400, "this server's model writes text only (no audio output)",
+                       param="modalities" if body.audio is None else "audio",
+                       code="unsupported_modality")
+    update: dict[str, Any] = {}
+    if body.functions is not None:
+        if body.tools is not None:
+            raise APIError(400, "give tools or the legacy functions, not both",
+                           param="functions")
+        update["tools"] = [Tool(type="function", function=f) for f in body.functions]
+    if body.function_call is not None:
+        if body.tool_choice is not None:
+            raise APIError(400, "give tool_choice or the legacy function_call, not both",
+                           param="function_call")
+        choice = body.function_call
+        update["tool_choice"] = choice if isinstance(choice, str) else NamedToolChoice(
+            type="function", function=choice)
+    if body.reasoning_effort is not None:
+        effort: dict[str, Any] = {"reasoning_effort": body.reasoning_effort}
+        if body.reasoning_effort == "none":
+            effort["enable_thinking"] = False
+        update["chat_template_kwargs"] = {**effort, **(body.chat_template_kwargs or {})}
+    return body.model_copy(update=update) if update else body
+
+
 async def prepare_chat(state: Any, engine: AsyncEngine, body: ChatCompletionRequest,
                        id_prefix: str) -> tuple[Generation, ChatOutputPlan]:
     """A chat request rendered, checked and admitted: its generation (not started) and how
     its output is to be read. The Responses and Messages APIs come through here too."""
     state.check_model(body.model)
+    body = _spec_fields(body)
     kwargs = template_kwargs(state.config, body)
     text = await render_chat(state, engine, body.messages, body.add_generation_prompt,
                              body.chat_template, body.tools, kwargs)

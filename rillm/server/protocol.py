@@ -61,11 +61,25 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: StrictBool = False
     continuous_usage_stats: StrictBool = False
+    include_obfuscation: StrictBool | None = None
+    """Accepted; rillm's events carry no obfuscation padding (nothing to turn off)."""
 
 
 class TextPart(_Strict):
     type: Literal["text"]
     text: Text
+
+
+class MediaPart(_Strict):
+    """An image, audio or file part: the models rillm serves read text only (a 400 says so)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url", "input_audio", "file"]
+
+
+class ChatRefusalPart(_Strict):
+    type: Literal["refusal"]
+    refusal: Text
 
 
 class FunctionCall(_Strict):
@@ -79,9 +93,12 @@ class ToolCall(_Strict):
     function: FunctionCall
 
 
+ContentPart = Annotated[TextPart | MediaPart | ChatRefusalPart, Field(discriminator="type")]
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Text | list[ContentPart] | None = None
     name: Text | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: Text | None = None
@@ -90,10 +107,15 @@ class ChatMessage(_Strict):
     reasoning: Text | None = None
     reasoning_content: Text | None = None
     refusal: Text | None = None
+    function_call: FunctionCall | None = None
+    """The legacy form of one tool call (an assistant message); rendered as one."""
+    audio: Any = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text if isinstance(part, TextPart) else
+                           part.refusal if isinstance(part, ChatRefusalPart) else ""
+                           for part in self.content)
         return self.content or ""
 
 
@@ -176,6 +198,9 @@ class SamplingFields(_Strict):
 
 
 class ChatCompletionRequest(SamplingFields):
+    """Every field of the openai SDK's chat CompletionCreateParams: honoured, mapped, or
+    accepted and ignored (README, "Request parameters"), never an unknown-field 400."""
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
@@ -187,6 +212,29 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     include_reasoning: StrictBool = True
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | FunctionName | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: Any = None
+    # Accepted and ignored: they ask for nothing the output depends on here.
+    metadata: dict[str, Text] | None = None
+    store: StrictBool | None = None
+    service_tier: Text | None = None
+    prediction: Any = None
+    prompt_cache_key: Text | None = None
+    prompt_cache_retention: Text | None = None
+    prompt_cache_options: Any = None
+    safety_identifier: Text | None = None
+    moderation: Any = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    web_search_options: Any = None
+
+
+IGNORED_CHAT_FIELDS = ("metadata", "store", "service_tier", "prediction", "prompt_cache_key",
+                       "prompt_cache_retention", "prompt_cache_options", "safety_identifier",
+                       "moderation", "verbosity", "web_search_options")
+"""Chat fields in OpenAI's spec that rillm accepts and does not act on (one debug line)."""
 
 
 class CompletionRequest(SamplingFields):
