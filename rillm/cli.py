@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds of silence after which a stream gets a keep-alive comment")
     serve.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
                        help="put the model's thinking in delta.reasoning / message.reasoning")
+    serve.add_argument("--reasoning-field", default="reasoning",
+                       choices=["reasoning", "reasoning_content", "both"],
+                       help="the chat field the thinking goes in: vLLM's `reasoning` (the "
+                            "default), llama.cpp's and DeepSeek's `reasoning_content`, or both")
     serve.add_argument("--enable-auto-tool-choice", action="store_true",
                        help='let tool_choice "auto" parse tool calls from the output')
     serve.add_argument("--tool-call-parser", default=None, choices=list(TOOL_CALL_PARSERS),
@@ -329,6 +333,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                          send_timeout=args.send_timeout),
             uvicorn_log_level=args.uvicorn_log_level,
             reasoning_parser=args.reasoning_parser,
+            reasoning_field=args.reasoning_field,
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             tool_call_parser=args.tool_call_parser,
             default_chat_template_kwargs=template_kwargs,

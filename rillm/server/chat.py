@@ -212,7 +212,8 @@ def _chat_response(generation: Generation, final: RequestOutput, plan: ChatOutpu
             calls = [call.to_openai() for call in parser.tool_calls]
             message["content"] = parsed.content if parsed.content or not calls else None
             if plan.reasoning_factory() is not None and plan.include_reasoning:
-                message["reasoning"] = parsed.reasoning or None
+                for name in plan.reasoning_fields:
+                    message[name] = parsed.reasoning or None
             if calls:
                 message["tool_calls"] = calls
                 finish_reason = tool_finish(finish_reason)
@@ -257,7 +258,8 @@ def reasoning_tokens(generation: Generation, plan: ChatOutputPlan,
 def _delta(message: MessageDelta, plan: ChatOutputPlan) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if message.reasoning and plan.include_reasoning:
-        delta["reasoning"] = message.reasoning
+        for name in plan.reasoning_fields:
+            delta[name] = message.reasoning
     if message.content:
         delta["content"] = message.content
     if message.tool_calls:

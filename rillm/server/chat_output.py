@@ -13,7 +13,7 @@ from rillm.parsers.message import MessageParser
 from rillm.parsers.reasoning import ReasoningParser, make_reasoning_parser
 from rillm.parsers.tool_calls import make_tool_parser
 from rillm.sampling_params import InvalidParameterError
-from rillm.server.config import ServerConfig
+from rillm.server.config import REASONING_FIELDS, ServerConfig
 from rillm.server.errors import APIError
 from rillm.server.protocol import ChatCompletionRequest, NamedToolChoice, TokenizeRequest, Tool
 from rillm.structured_outputs import StructuredOutputsParams
@@ -30,6 +30,8 @@ class ChatOutputPlan:
     """The function a named tool_choice forces."""
     parallel_tool_calls: bool = True
     include_reasoning: bool = True
+    reasoning_fields: tuple[str, ...] = ("reasoning",)
+    """The message / delta fields the thinking goes in (--reasoning-field)."""
 
     @property
     def parses(self) -> bool:
@@ -73,7 +75,8 @@ def plan_chat_output(config: ServerConfig, body: ChatCompletionRequest, prompt_t
     if reasoning is not None and make_reasoning_parser(reasoning, prompt_text, kwargs) is None:
         reasoning = None  # this output cannot think (qwen3 with enable_thinking false)
     plan = ChatOutputPlan(reasoning, prompt_text, kwargs,
-                          parallel_tool_calls=parallel, include_reasoning=body.include_reasoning)
+                          parallel_tool_calls=parallel, include_reasoning=body.include_reasoning,
+                          reasoning_fields=REASONING_FIELDS[config.reasoning_field])
     if choice == "none":
         return plan, response_constraint
     if choice == "auto":

@@ -17,6 +17,12 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 """--max-request-body-bytes: 8 MiB, some 2 million tokens of text or ~1 million token ids."""
 
 
+REASONING_FIELDS = {"reasoning": ("reasoning",), "reasoning_content": ("reasoning_content",),
+                    "both": ("reasoning", "reasoning_content")}
+"""--reasoning-field: the chat message / delta fields that carry the thinking (vLLM's name
+now, llama.cpp's and DeepSeek's, or both)."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -56,6 +62,8 @@ class ServerConfig:
     uvicorn_log_level: str = "warning"
     reasoning_parser: str | None = None
     """deepseek_r1 or qwen3: thinking goes to `reasoning`, the answer to `content`."""
+    reasoning_field: str = "reasoning"
+    """Which field carries the thinking: reasoning, reasoning_content or both."""
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     """hermes or llama3_json: how tool_choice "auto" finds calls in the model's output."""
@@ -67,6 +75,8 @@ class ServerConfig:
             raise ValueError(f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}")
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}")
+        if self.reasoning_field not in REASONING_FIELDS:
+            raise ValueError(f"--reasoning-field must be one of {', '.join(REASONING_FIELDS)}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         if self.stream_interval < 1:

@@ -4,6 +4,8 @@ params is accepted with a valid value (honoured, mapped, or ignored), names outs
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from openai.types import completion_create_params
@@ -116,3 +118,28 @@ def test_reasoning_effort_none_is_the_templates_thinking_switch(reasoning_server
     assert off.json()["choices"][0]["message"]["content"].startswith("<think>")
     on = post(reasoning_server, "/chat/completions", {**base, "reasoning_effort": "high"})
     assert on.json()["choices"][0]["message"]["reasoning"]
+
+
+@pytest.fixture(scope="module")
+def both_fields_server():
+    from tests.live_server import start_server
+
+    yield from start_server("--reasoning-parser", "qwen3", "--reasoning-field", "both")
+
+
+def test_the_reasoning_field_is_named_by_the_operator(reasoning_server, both_fields_server):
+    """--reasoning-field both: llama.cpp's and DeepSeek's `reasoning_content` beside vLLM's
+    `reasoning`, streamed and not; the default sends only `reasoning`."""
+    think = r"<think>[a-z ]{10,60}</think>\n\n[A-Za-z ]{3,40}"
+    body = {"messages": ASK, "temperature": 0, "max_tokens": 80,
+            "structured_outputs": {"regex": think}}
+    message = post(both_fields_server, "/chat/completions", body).json()["choices"][0]["message"]
+    assert message["reasoning"] and message["reasoning_content"] == message["reasoning"]
+    with httpx.stream("POST", f"{both_fields_server.v1}/chat/completions", timeout=60,
+                      json={**body, "stream": True}) as stream:
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in stream.iter_lines()
+                  if line.startswith("data: {")]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning"]
+    assert "".join(d.get("reasoning", "") for d in deltas) == message["reasoning"]
+    default = post(reasoning_server, "/chat/completions", body).json()["choices"][0]["message"]
+    assert default["reasoning"] == message["reasoning"] and "reasoning_content" not in default
