@@ -37,6 +37,21 @@ class CompletionOutput:
 
 
 @dataclass(frozen=True)
+class RequestMetrics:
+    """When a finished request's phases ended, in seconds from its arrival (the engine's
+    clock): what /metrics' latency histograms observe."""
+
+    queued: float
+    """Arrival -> first scheduled (time in the queue)."""
+    first_token: float
+    """Arrival -> first token (time to first token)."""
+    finished: float
+    """Arrival -> last token (end-to-end)."""
+    inter_token: tuple[float, ...] = ()
+    """The gaps between consecutive steps that gave it tokens."""
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """The new state of one request after an engine step."""
 
@@ -47,7 +62,8 @@ class RequestOutput:
     prompt: str | None = None
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache instead of being computed."""
-    metrics: dict[str, float] = field(default_factory=dict, compare=False)
+    metrics: RequestMetrics | None = field(default=None, compare=False)
+    """On a finished request's last output."""
 
 
 def merge_all(outputs: Sequence[RequestOutput]) -> RequestOutput:

@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -31,7 +32,7 @@ from rillm.kernels.plan import KernelPlan, resolve_kernels
 from rillm.loader import LoadedModel, load_model
 from rillm.loader.gguf_blocks import SUPPORTED_TYPES
 from rillm.model.builder import build_model
-from rillm.outputs import CompletionOutput, Logprob, RequestOutput
+from rillm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from rillm.sampling_params import InvalidParameterError, SamplingParams
 from rillm.worker.model_runner import ModelRunner
 
@@ -53,6 +54,25 @@ class _Parent:
     choices: dict[str, _Choice] = field(default_factory=dict)
     """Scheduler request id -> choice."""
     num_finished: int = 0
+    arrived: float = field(default_factory=time.monotonic)
+    scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float = 0.0
+    gaps: list[float] = field(default_factory=list)
+
+    def timed(self, now: float) -> None:
+        """A step gave this request tokens at `now`."""
+        if self.first_token is None:
+            self.first_token = now
+        else:
+            self.gaps.append(now - self.last_token)
+        self.last_token = now
+
+    def metrics(self) -> RequestMetrics:
+        assert self.first_token is not None
+        scheduled = self.scheduled if self.scheduled is not None else self.first_token
+        return RequestMetrics(scheduled - self.arrived, self.first_token - self.arrived,
+                              self.last_token - self.arrived, tuple(self.gaps))
 
 
 class LLMEngine:
@@ -209,6 +229,11 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
+        now = time.monotonic()
+        for item in scheduled.scheduled:
+            parent = self._choice_parent[item.request.request_id]
+            if parent.scheduled is None:
+                parent.scheduled = now
         result = self.runner.execute(scheduled.scheduled)
         logprobs = {
             s.request.request_id: lp
@@ -228,8 +253,10 @@ class LLMEngine:
                 self._choice_delta(choice, logprobs.get(request.request_id))
             )
         outputs = []
+        now = time.monotonic()
         for parent_id, completions in deltas.items():
             parent = self._parents[parent_id]
+            parent.timed(now)
             parent.num_finished += sum(1 for c in completions if c.finished)
             finished = parent.num_finished == len(parent.choices)
             if finished:
@@ -246,6 +273,7 @@ class LLMEngine:
                     num_cached_tokens=min(
                         c.request.num_cached_tokens for c in parent.choices.values()
                     ),
+                    metrics=parent.metrics() if finished else None,
                 )
             )
         return outputs

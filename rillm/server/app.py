@@ -18,14 +18,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from rillm import __version__
 from rillm.engine.async_engine import AsyncEngine
 from rillm.server.config import ServerConfig
 from rillm.server.errors import APIError, install_error_handlers
 from rillm.server.gate import RequestGate, allowed_hosts
-from rillm.server.metrics import make_registry, metrics_text
+from rillm.server.metrics import EngineCollector, RequestMetricsRecorder, metrics_text
 from rillm.server.offload import decode, encode
 from rillm.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, install_openapi
 from rillm.server.protocol import (
@@ -62,6 +62,11 @@ class ServerState:
     on_failure: Callable[[str], None] | None = None
     streams: StreamRegistry | None = None
     """Streams that outlive their connection (--stream-resume-window); None: off."""
+    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(
+        auto_describe=False))
+    """/metrics' series."""
+    recorder: RequestMetricsRecorder | None = None
+    """vLLM's per-request counters and histograms, once the engine is loaded."""
     templates: TemplateSandbox | None = None
     """Where requests' own chat templates render (--trust-request-chat-template); None: off."""
 
@@ -141,12 +146,12 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
             "loading" if state.engine is None else "engine stopped")
         return JSONResponse({"status": reason}, status_code=503)
 
-    registry = make_registry(state)
+    state.registry.register(EngineCollector(state))
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"description": "Prometheus metrics in the text exposition format"}})
     async def metrics() -> Response:
-        return Response(metrics_text(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics_text(state.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -340,4 +345,7 @@ def _watch(state: ServerState, engine: AsyncEngine) -> None:
             state.on_failure(f"the engine stopped: {exc!r}; exiting so that it can be restarted")
 
     engine.on_death = died
+    if state.recorder is None:
+        state.recorder = RequestMetricsRecorder(state.registry, state.model_name,
+                                                engine.max_model_len)
     engine.grammar_compile_timeout = state.config.grammar_compile_timeout

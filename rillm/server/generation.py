@@ -72,11 +72,7 @@ class Generation:
         i * n + j); None after each keep-alive interval without one."""
         keepalive = self.state.config.keepalive_interval
         if len(self.prompts) == 1:
-            async for output in engine_events(self.engine, self.prompts[0], self.params,
-                                              self.max_tokens[0], self._request_ids[0],
-                                              keepalive):
-                if output is not None and output.num_cached_tokens:
-                    self.num_cached_tokens = output.num_cached_tokens
+            async for output in self._observed(0, keepalive):
                 yield output
             return
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
@@ -103,14 +99,33 @@ class Generation:
 
     async def _pump(self, index: int, queue: asyncio.Queue) -> None:
         try:
-            async for output in engine_events(self.engine, self.prompts[index], self.params,
-                                              self.max_tokens[index],
-                                              self._request_ids[index], 3600.0):
+            async for output in self._observed(index, 3600.0):
                 if output is not None:
                     queue.put_nowait((index, output))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer
             queue.put_nowait((index, exc))
         queue.put_nowait((index, None))
+
+    async def _observed(self, index: int, keepalive: float
+                        ) -> AsyncIterator[RequestOutput | None]:
+        """One engine request's deltas; once it has ended (or been left), its counts and
+        timings go to /metrics."""
+        last: RequestOutput | None = None
+        generated = 0
+        try:
+            async for output in engine_events(self.engine, self.prompts[index], self.params,
+                                              self.max_tokens[index],
+                                              self._request_ids[index], keepalive):
+                if output is not None:
+                    last = output
+                    generated += sum(len(c.token_ids) for c in output.outputs)
+                    if output.num_cached_tokens > 0:
+                        self.num_cached_tokens = output.num_cached_tokens
+                yield output
+        finally:
+            recorder = self.state.recorder
+            if recorder is not None and last is not None:
+                recorder.finished(last, generated)
 
     async def collect(self) -> RequestOutput:
         """Every delta merged into one whole output."""
