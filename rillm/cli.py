@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", nargs="+", default=None,
                        help="the name(s) clients use; the first is reported by /v1/models")
-    serve.add_argument("--api-key", default=os.environ.get("RILLM_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' (default: $RILLM_API_KEY)")
+    serve.add_argument("--api-key", nargs="+", metavar="KEY",
+                       default=[k for k in os.environ.get("RILLM_API_KEY", "").split(",") if k],
+                       help="require one of these keys as 'Authorization: Bearer KEY' or "
+                            "'x-api-key: KEY' (default: $RILLM_API_KEY, comma-separated)")
     serve.add_argument("--chat-template", default=None,
                        help="a Jinja chat template, or a file holding one")
     serve.add_argument("--allowed-hosts", nargs="*", default=[], metavar="HOST",
@@ -107,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds of silence after which a stream gets a keep-alive comment")
     serve.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
                        help="put the model's thinking in delta.reasoning / message.reasoning")
+    serve.add_argument("--enable-log-requests", action="store_true",
+                       help="log one line per request once it has ended: its id and "
+                            "X-Request-Id, token counts, finish reason, timings and sampling "
+                            "settings (never its text)")
     serve.add_argument("--reasoning-field", default="reasoning",
                        choices=["reasoning", "reasoning_content", "both"],
                        help="the chat field the thinking goes in: vLLM's `reasoning` (the "
@@ -315,7 +321,8 @@ def run_serve(args: argparse.Namespace) -> int:
             if not isinstance(template_kwargs, dict):
                 raise ValueError("--default-chat-template-kwargs must be a JSON object")
         server_config = ServerConfig(
-            host=args.host, port=args.port, served_model_names=names, api_key=args.api_key,
+            host=args.host, port=args.port, served_model_names=names,
+            api_keys=tuple(args.api_key),
             stream_interval=args.stream_interval, allowed_origins=tuple(args.allowed_origins),
             max_queued_requests=(DEFAULT_MAX_QUEUED if args.max_queued_requests is None
                                  else args.max_queued_requests),
@@ -332,6 +339,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                          header_timeout=args.header_timeout,
                                          send_timeout=args.send_timeout),
             uvicorn_log_level=args.uvicorn_log_level,
+            enable_log_requests=args.enable_log_requests,
             reasoning_parser=args.reasoning_parser,
             reasoning_field=args.reasoning_field,
             enable_auto_tool_choice=args.enable_auto_tool_choice,

@@ -80,9 +80,10 @@ def server() -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def guarded_server() -> Iterator[Server]:
-    """API key, one sequence at a time with one waiting, a custom name, CORS, quick keep-alive."""
+    """Two API keys, one sequence at a time with one waiting, a custom name, CORS, quick
+    keep-alive."""
     yield from start_server(
-        "--api-key", "sesame", "--max-num-seqs", "1", "--max-queued-requests", "1",
+        "--api-key", "sesame", "open-sesame", "--max-num-seqs", "1", "--max-queued-requests", "1",
         "--served-model-name", "house-model", "smol", "--allowed-origins", "http://example.com",
         "--keepalive-interval", "0.3", api_key="sesame",
     )

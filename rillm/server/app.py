@@ -118,7 +118,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     app.state.rillm = state
     install_error_handlers(app)
     install_openapi(app)
-    app.add_middleware(RequestGate, api_key=config.api_key,
+    app.add_middleware(RequestGate, api_keys=config.api_keys,
                        max_body_bytes=config.max_request_body_bytes,
                        hosts=allowed_hosts(config.host, config.allowed_hosts),
                        refuse=_refuse_early(state))
@@ -170,7 +170,8 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     async def model(model_id: str) -> dict[str, Any]:
         state.check_model(model_id)
         return {"id": model_id, "object": "model", "created": int(state.started),
-                "owned_by": "rillm"}
+                "owned_by": "rillm", "root": model_id,
+                "max_model_len": state.engine.max_model_len if state.engine else None}
 
     @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:

@@ -122,7 +122,7 @@ def _json_or_text(text: str) -> Any:
 
 async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatCompletionRequest,
                                  request: Request) -> Response:
-    generation, plan = await prepare_chat(state, engine, body, "chatcmpl-")
+    generation, plan = await prepare_chat(state, engine, body, "chatcmpl-", request)
     if body.stream:
         interval = body.stream_interval or state.config.stream_interval
         options = body.stream_options
@@ -169,7 +169,7 @@ def _spec_fields(body: ChatCompletionRequest) -> ChatCompletionRequest:
 
 
 async def prepare_chat(state: Any, engine: AsyncEngine, body: ChatCompletionRequest,
-                       id_prefix: str) -> tuple[Generation, ChatOutputPlan]:
+                       id_prefix: str, request: Request) -> tuple[Generation, ChatOutputPlan]:
     """A chat request rendered, checked and admitted: its generation (not started) and how
     its output is to be read. The Responses and Messages APIs come through here too."""
     state.check_model(body.model)
@@ -195,7 +195,8 @@ async def prepare_chat(state: Any, engine: AsyncEngine, body: ChatCompletionRequ
     limits = await admit(engine, [prompt_ids], params,
                          {"prompt": "messages", "max_tokens": param})
     generation = Generation(state, engine, f"{id_prefix}{uuid.uuid4().hex}", body.model
-                            or state.model_name, [prompt_ids], params, limits)
+                            or state.model_name, [prompt_ids], params, limits,
+                            request.headers.get("x-request-id"))
     return generation, plan
 
 

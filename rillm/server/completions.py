@@ -71,7 +71,8 @@ async def create_completion(state: Any, engine: AsyncEngine, body: CompletionReq
     params = sampling_params(body, max_tokens, body.logprobs, structured_outputs(body))
     limits = await admit(engine, prompts, params)
     generation = Generation(state, engine, f"cmpl-{uuid.uuid4().hex}",
-                            body.model or state.model_name, prompts, params, limits)
+                            body.model or state.model_name, prompts, params, limits,
+                            request.headers.get("x-request-id"))
     echoes = [str(engine.tokenizer.decode(ids)) if body.echo else "" for ids in prompts]
     if body.stream:
         options = body.stream_options

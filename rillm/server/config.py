@@ -29,7 +29,8 @@ class ServerConfig:
     port: int = 8000
     served_model_names: tuple[str, ...] = ()
     """The names clients may use; the first is the one /v1/models reports."""
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()
+    """Any of these opens the guarded routes; empty: no key needed."""
     stream_interval: int = 1
     """Tokens one streamed event carries at most (per-request override: stream_interval)."""
     allowed_origins: tuple[str, ...] = ()
@@ -60,6 +61,8 @@ class ServerConfig:
     keepalive_interval: float = 10.0
     """Seconds without an event after which a stream gets a `: keep-alive` comment."""
     uvicorn_log_level: str = "warning"
+    enable_log_requests: bool = False
+    """One log line per request once it has ended (ids, token counts, finish, timings)."""
     reasoning_parser: str | None = None
     """deepseek_r1 or qwen3: thinking goes to `reasoning`, the answer to `content`."""
     reasoning_field: str = "reasoning"

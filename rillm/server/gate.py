@@ -16,6 +16,7 @@ name in the Host header. A server on a loopback address answers only the loopbac
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -55,17 +56,36 @@ def guarded(path: str) -> bool:
                                                "/openapi.json")
 
 
-def key_matches(headers: dict[bytes, bytes], expected: bytes) -> bool:
-    """`Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY` (Anthropic's),
-    compared in constant time as bytes (a header is latin-1 text, any byte)."""
+def key_matches(headers: dict[bytes, bytes], keys: tuple[bytes, ...]) -> bool:
+    """`Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY` (Anthropic's) is
+    one of `keys`, each compared in constant time as bytes (a header is latin-1 text, any
+    byte); every key is compared, so the time says nothing of which one nearly matched."""
     scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-    bearer = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected)
-    anthropic = hmac.compare_digest(headers.get(b"x-api-key", b"").strip(), expected)
-    return bearer or anthropic
+    sent = [headers.get(b"x-api-key", b"").strip()]
+    if scheme.lower() == b"bearer":
+        sent.append(token.strip())
+    matches = [hmac.compare_digest(candidate, key) for key in keys for candidate in sent]
+    return any(matches)
+
+
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+"""An X-Request-Id the server takes (echoed on the response, written in the request log)."""
+
+
+def _echoing(send: Send, request_id: bytes) -> Send:
+    """`send` with the request's X-Request-Id on its response."""
+
+    async def echo(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []),
+                                              (b"x-request-id", request_id)]}
+        await send(message)
+
+    return echo
 
 
 class RequestGate:
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], max_body_bytes: int,
                  hosts: frozenset[str] | None = None,
                  refuse: Callable[[str, str, bool], APIError | None] | None = None) -> None:
         """`refuse(method, path, resuming)`: the app's answer to a request it can judge by its
@@ -73,7 +93,7 @@ class RequestGate:
         self.app = app
         self.refuse = refuse
         self.hosts = hosts
-        self.api_key = api_key.encode("utf-8") if api_key is not None else None
+        self.api_keys = tuple(key.encode("utf-8") for key in api_keys)
         self.max_body_bytes = max_body_bytes
         self.in_flight = 0
 
@@ -98,9 +118,17 @@ class RequestGate:
                              code="host_not_allowed")
             await error.response(scope.get("path", ""))(scope, receive, send)
             return
-        if (self.api_key is not None and scope.get("method") != "OPTIONS"
+        request_id = headers.get(b"x-request-id")
+        if request_id is not None:
+            if not REQUEST_ID.fullmatch(request_id):
+                error = APIError(400, "X-Request-Id must be 1 to 128 letters, digits, '.', "
+                                 "'_', ':' or '-'", code="invalid_request_id")
+                await error.response(scope.get("path", ""))(scope, receive, send)
+                return
+            send = _echoing(send, request_id)
+        if (self.api_keys and scope.get("method") != "OPTIONS"
                 and guarded(scope.get("path", ""))
-                and not key_matches(headers, self.api_key)):
+                and not key_matches(headers, self.api_keys)):
             error = APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' "
                              "or 'x-api-key: KEY')", code="invalid_api_key")
             await error.response(scope.get("path", ""))(scope, receive, send)

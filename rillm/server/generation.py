@@ -5,6 +5,7 @@ bookkeeping (active count, abort on disconnect)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from rillm.server.sse import EventStreamResponse, sse
 from rillm.server.streaming import ChoiceBuffer, engine_events
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,10 @@ class StreamPiece:
 class Generation:
     def __init__(self, state: Any, engine: AsyncEngine, response_id: str, model: str,
                  prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 max_tokens: Sequence[int]) -> None:
-        """`prompts`, each admitted with its resolved `max_tokens` (`admit`)."""
+                 max_tokens: Sequence[int], client_request_id: str | None = None) -> None:
+        """`prompts`, each admitted with its resolved `max_tokens` (`admit`);
+        `client_request_id`: the request's X-Request-Id, for the request log."""
+        self.client_request_id = client_request_id
         self.state = state
         self.engine = engine
         self.response_id = response_id
@@ -53,8 +57,7 @@ class Generation:
         self.max_tokens = list(max_tokens)
         self.params = params
         self.num_prompt_tokens = sum(len(p) for p in self.prompts)
-        self.num_cached_tokens = 0
-        """Prompt tokens found in the prefix cache (known once the first output arrived)."""
+        self._cached = [0] * len(self.prompts)
         self._request_ids = [
             response_id if len(self.prompts) == 1 else f"{response_id}-{i}"
             for i in range(len(self.prompts))
@@ -106,6 +109,12 @@ class Generation:
             queue.put_nowait((index, exc))
         queue.put_nowait((index, None))
 
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache (known once each prompt's first output
+        arrived)."""
+        return sum(self._cached)
+
     async def _observed(self, index: int, keepalive: float
                         ) -> AsyncIterator[RequestOutput | None]:
         """One engine request's deltas; once it has ended (or been left), its counts and
@@ -119,13 +128,28 @@ class Generation:
                 if output is not None:
                     last = output
                     generated += sum(len(c.token_ids) for c in output.outputs)
-                    if output.num_cached_tokens > 0:
-                        self.num_cached_tokens = output.num_cached_tokens
+                    self._cached[index] = max(output.num_cached_tokens, 0)
                 yield output
         finally:
             recorder = self.state.recorder
             if recorder is not None and last is not None:
                 recorder.finished(last, generated)
+            if self.state.config.enable_log_requests:
+                self._log(index, last, generated)
+
+    def _log(self, index: int, last: RequestOutput | None, generated: int) -> None:
+        """--enable-log-requests: one line per engine request once it has ended."""
+        reasons = ",".join(c.finish_reason or "abort" for c in last.outputs) \
+            if last is not None and last.finished else "abort"
+        timing = last.metrics if last is not None else None
+        times = (f", first token {timing.first_token:.3f} s, end {timing.finished:.3f} s"
+                 if timing is not None else "")
+        client = f" (X-Request-Id {self.client_request_id})" if self.client_request_id else ""
+        params = self.params
+        logger.info("request %s%s: %d prompt tokens (%d cached), %d generated, finish %s%s; "
+                    "n=%d temperature=%g top_p=%g max_tokens=%d", self._request_ids[index],
+                    client, len(self.prompts[index]), self._cached[index], generated, reasons,
+                    times, params.n, params.temperature, params.top_p, self.max_tokens[index])
 
     async def collect(self) -> RequestOutput:
         """Every delta merged into one whole output."""
@@ -170,7 +194,8 @@ class Generation:
                      reasoning_tokens: int | None = None) -> dict[str, Any]:
         usage: dict[str, Any] = {
             "prompt_tokens": self.num_prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": self.num_prompt_tokens + completion_tokens}
+            "total_tokens": self.num_prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.num_cached_tokens}}
         if reasoning_tokens is not None:
             usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
         return usage

@@ -20,6 +20,8 @@ from rillm.server.connections import MAX_HEADER_BYTES, guarded_protocol
 
 def serve(engine_config: EngineConfig, config: ServerConfig, started: float) -> int:
     logging.basicConfig(level=logging.WARNING, format="rillm: %(levelname)s %(message)s")
+    if config.enable_log_requests:
+        logging.getLogger("rillm.server.generation").setLevel(logging.INFO)
     console = Console(stderr=True)
     progress = Progress(SpinnerColumn(), TextColumn("[bold]loading {task.description}"),
                         BarColumn(), TimeElapsedColumn(), console=console, transient=True)

@@ -4,6 +4,7 @@ keep-alive ticks, batching by stream_interval, logprob entries."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,7 +100,37 @@ def logprob_entries(tokenizer: Any, logprobs: Sequence[Logprob]) -> list[dict[st
 
 def _token_entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
     text = token_text(tokenizer, token_id)
-    return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+    return {"token": text, "logprob": max(logprob, -9999.0),
+            "bytes": list(token_bytes(tokenizer, token_id, text))}
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins for the 256 bytes (GPT-2's scheme, which Llama 3,
+    Qwen and SmolLM2 vocabularies use): printable Latin-1 bytes stand for themselves, the
+    other 68 for chr(256), chr(257), ... in byte order."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable},
+            **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer: Any, token_id: int, text: str) -> bytes:
+    """The token's own bytes. A token that is part of a character (an emoji split over three
+    tokens) decodes alone to U+FFFD; its bytes come from its vocabulary entry instead: a
+    byte-level BPE piece through BYTE_LEVEL, a SentencePiece byte-fallback piece `<0xF0>`."""
+    if "\ufffd" not in text:
+        return text.encode()
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        if (match := _BYTE_TOKEN.fullmatch(piece)) is not None:
+            return bytes([int(match.group(1), 16)])
+        if piece and all(char in BYTE_LEVEL for char in piece):
+            return bytes(BYTE_LEVEL[char] for char in piece)
+    return text.encode()
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:

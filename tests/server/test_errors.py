@@ -287,6 +287,11 @@ def test_sdk_with_the_key_and_a_served_name(guarded_server):
     assert reply.model == "smol"
     with pytest.raises(openai.AuthenticationError):
         OpenAI(api_key="wrong", base_url=guarded_server.v1).models.list()
+    # Either of the server's keys (--api-key sesame open-sesame); no prefix or part of one.
+    assert OpenAI(api_key="open-sesame", base_url=guarded_server.v1).models.list().data
+    for partial in ("open", "sesame open-sesame", "open-sesame2"):
+        with pytest.raises(openai.AuthenticationError):
+            OpenAI(api_key=partial, base_url=guarded_server.v1).models.list()
 
 
 def test_full_queue_answers_429_with_retry_after(guarded_server):

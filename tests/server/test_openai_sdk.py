@@ -29,6 +29,9 @@ def stream_text(client, **kwargs) -> tuple[str, list]:
 def test_models_lists_the_served_model(client):
     models = client.models.list().data
     assert [m.id for m in models] == ["SmolLM2-135M-Instruct"]
+    one = client.models.retrieve("SmolLM2-135M-Instruct")
+    assert one.id == "SmolLM2-135M-Instruct"
+    assert one.max_model_len == models[0].max_model_len > 0
 
 
 def test_stream_equals_non_stream_for_greedy(client):
@@ -39,7 +42,12 @@ def test_stream_equals_non_stream_for_greedy(client):
     assert text == whole.choices[0].message.content
     assert "Paris" in text
     assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
-    assert chunks[-1].usage == whole.usage
+    streamed = chunks[-1].usage
+    assert (streamed.prompt_tokens, streamed.completion_tokens, streamed.total_tokens) == \
+        (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens)
+    # The same prompt again: its full blocks come from the prefix cache, and usage says so.
+    cached = whole.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < whole.usage.prompt_tokens and cached % 16 == 0
 
 
 def test_multi_turn_conversation_renders_every_turn(client, server):
@@ -112,6 +120,23 @@ def test_logprobs_chat_and_completions(client):
     lp = done.choices[0].logprobs
     assert len(lp.tokens) == 4 and len(lp.top_logprobs[0]) == 2
     assert "".join(lp.tokens) == done.choices[0].text
+
+
+def test_logprob_bytes_of_a_character_split_over_tokens_are_its_own(client):
+    """An emoji is several byte-level tokens, each decoding alone to U+FFFD: their `bytes`
+    are the token's own, so that joined they are the emoji's UTF-8."""
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "A robot"}],
+        max_tokens=10, logprobs=True, top_logprobs=2,
+        extra_body={"structured_outputs": {"regex": "🤖 ok"}})
+    assert reply.choices[0].message.content == "🤖 ok"
+    content = reply.choices[0].logprobs.content
+    assert sum("\ufffd" in entry.token for entry in content) >= 2  # split, as claimed
+    joined = bytes(b for entry in content for b in entry.bytes)
+    assert joined.decode("utf-8").startswith("🤖 ok")
+    for entry in content:
+        for top in entry.top_logprobs:
+            assert top.bytes == list(top.token.encode()) or "\ufffd" in top.token
 
 
 def test_engine_extras_through_extra_body(client):
