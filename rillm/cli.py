@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds of silence after which a stream gets a keep-alive comment")
     serve.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
                        help="put the model's thinking in delta.reasoning / message.reasoning")
+    serve.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                       help="sampling defaults for what a request leaves unset: auto (the "
+                            "model directory's generation_config.json, if any), vllm (none: "
+                            "OpenAI's defaults), or a directory holding one")
     serve.add_argument("--enable-log-requests", action="store_true",
                        help="log one line per request once it has ended: its id and "
                             "X-Request-Id, token counts, finish reason, timings and sampling "
@@ -292,6 +296,22 @@ def run_chat(args: argparse.Namespace) -> int:
         return 1
 
 
+def _sampling_defaults(choice: str, model: str | None) -> dict[str, float]:
+    """--generation-config: the sampling defaults it names (logged when there are any)."""
+    from rillm.loader.generation_config import sampling_defaults
+
+    if choice == "vllm":
+        return {}
+    directory = model if choice == "auto" else choice
+    if choice != "auto" and not os.path.isdir(choice):
+        raise ValueError(f"--generation-config {choice}: not auto, vllm or a directory")
+    defaults = sampling_defaults(directory) if directory and os.path.isdir(directory) else {}
+    if defaults:
+        print("rillm: sampling defaults from generation_config.json: " + ", ".join(
+            f"{key}={value:g}" for key, value in defaults.items()), flush=True)
+    return defaults
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from rillm.loader import DEFAULT_MODEL_NAME, KNOWN_MODELS
     from rillm.server.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUED, ServerConfig
@@ -340,6 +360,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                          send_timeout=args.send_timeout),
             uvicorn_log_level=args.uvicorn_log_level,
             enable_log_requests=args.enable_log_requests,
+            sampling_defaults=_sampling_defaults(args.generation_config, model),
             reasoning_parser=args.reasoning_parser,
             reasoning_field=args.reasoning_field,
             enable_auto_tool_choice=args.enable_auto_tool_choice,

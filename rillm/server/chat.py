@@ -191,7 +191,8 @@ async def prepare_chat(state: Any, engine: AsyncEngine, body: ChatCompletionRequ
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     plan, constraint = plan_chat_output(state.config, body, text, kwargs,
                                         structured_outputs(body))
-    params = sampling_params(body, max_tokens, logprobs, constraint)
+    params = sampling_params(body, max_tokens, logprobs, constraint,
+                             state.config.sampling_defaults)
     limits = await admit(engine, [prompt_ids], params,
                          {"prompt": "messages", "max_tokens": param})
     generation = Generation(state, engine, f"{id_prefix}{uuid.uuid4().hex}", body.model

@@ -63,12 +63,15 @@ async def create_completion(state: Any, engine: AsyncEngine, body: CompletionReq
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
     prompts = await _prompts(engine, body.prompt, body.n)
-    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    defaults = state.config.sampling_defaults
+    max_tokens = int(defaults.get("max_new_tokens", DEFAULT_MAX_TOKENS)) \
+        if body.max_tokens is None else body.max_tokens
     if max_tokens < 1:
         raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
     if any(not ids for ids in prompts):
         raise APIError(400, "a prompt is empty", param="prompt")
-    params = sampling_params(body, max_tokens, body.logprobs, structured_outputs(body))
+    params = sampling_params(body, max_tokens, body.logprobs, structured_outputs(body),
+                             defaults)
     limits = await admit(engine, prompts, params)
     generation = Generation(state, engine, f"cmpl-{uuid.uuid4().hex}",
                             body.model or state.model_name, prompts, params, limits,

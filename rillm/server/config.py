@@ -61,6 +61,9 @@ class ServerConfig:
     keepalive_interval: float = 10.0
     """Seconds without an event after which a stream gets a `: keep-alive` comment."""
     uvicorn_log_level: str = "warning"
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
+    """What a request leaves unset takes these (a model's generation_config.json:
+    temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens)."""
     enable_log_requests: bool = False
     """One log line per request once it has ended (ids, token counts, finish, timings)."""
     reasoning_parser: str | None = None

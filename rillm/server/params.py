@@ -3,6 +3,8 @@ the model (context length)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from rillm.sampling_params import InvalidParameterError, SamplingParams
 from rillm.server.errors import APIError
 from rillm.server.protocol import SamplingFields
@@ -36,8 +38,15 @@ def structured_outputs(body: SamplingFields) -> StructuredOutputsParams | None:
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    constraint: StructuredOutputsParams | None = None) -> SamplingParams:
-    """Raises APIError(400) naming the parameter for any bad value."""
+                    constraint: StructuredOutputsParams | None = None,
+                    defaults: Mapping[str, float] | None = None) -> SamplingParams:
+    """Raises APIError(400) naming the parameter for any bad value. `defaults`: the model's
+    generation_config.json values for what the request leaves unset."""
+    model = defaults or {}
+
+    def given(value: float | None, name: str, fallback: float) -> float:
+        return value if value is not None else model.get(name, fallback)
+
     bias = None
     if body.logit_bias:
         try:
@@ -52,17 +61,17 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
     try:
         return SamplingParams(
             n=body.n,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k or 0,
-            min_p=body.min_p or 0.0,
+            temperature=given(body.temperature, "temperature", 1.0),
+            top_p=given(body.top_p, "top_p", 1.0),
+            top_k=int(given(body.top_k, "top_k", 0)),
+            min_p=given(body.min_p, "min_p", 0.0),
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
-            repetition_penalty=(1.0 if body.repetition_penalty is None
-                                else body.repetition_penalty),
+            repetition_penalty=given(body.repetition_penalty, "repetition_penalty", 1.0),
             logit_bias=bias,
             seed=body.seed,
-            max_tokens=max_tokens,
+            max_tokens=(max_tokens if max_tokens is not None or "max_new_tokens" not in model
+                        else int(model["max_new_tokens"])),
             min_tokens=body.min_tokens,
             stop=body.stop,
             stop_token_ids=body.stop_token_ids,
