@@ -17,7 +17,13 @@ from rillm.parsers.message import MessageDelta, count_reasoning_tokens, parse_wh
 from rillm.sampling_params import MAX_LOGPROBS
 from rillm.server.chat_output import ChatOutputPlan, plan_chat_output, template_kwargs
 from rillm.server.errors import APIError
-from rillm.server.generation import Generation, admit, error_event, run_until_disconnect
+from rillm.server.generation import (
+    Generation,
+    StreamPiece,
+    admit,
+    error_event,
+    run_until_disconnect,
+)
 from rillm.server.offload import INLINE_CHARS, encode, off_loop
 from rillm.server.params import sampling_params, structured_outputs
 from rillm.server.protocol import (
@@ -134,6 +140,24 @@ async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatComp
         ))
     final = await run_until_disconnect(request, generation.collect())
     return JSONResponse(_chat_response(generation, final, plan, body.logprobs))
+
+
+async def parsed_pieces(generation: Generation, plan: ChatOutputPlan, interval: int
+                        ) -> AsyncIterator[tuple[StreamPiece, MessageDelta] | None]:
+    """A one-choice generation's pieces with what each adds to the message (the reasoning,
+    content and tool calls it parses to); None for a keep-alive tick."""
+    parser = plan.new_parser() if plan.parses else None
+    async for piece in generation.pieces(interval):
+        if piece is None:
+            yield None
+            continue
+        if parser is None:
+            yield piece, MessageDelta(content=piece.text)
+            continue
+        delta = parser.feed(piece.text)
+        if piece.finish_reason is not None:
+            delta = delta.then(parser.finish())
+        yield piece, delta
 
 
 def _spec_fields(body: ChatCompletionRequest) -> ChatCompletionRequest:

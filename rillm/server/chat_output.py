@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from rillm.parsers.message import MessageParser
+from rillm.parsers.message import MessageDelta, MessageParser, parse_whole
 from rillm.parsers.reasoning import ReasoningParser, make_reasoning_parser
 from rillm.parsers.tool_calls import make_tool_parser
 from rillm.sampling_params import InvalidParameterError
@@ -50,6 +50,10 @@ class ChatOutputPlan:
             return parser
 
         return factory
+
+    def whole(self, text: str) -> MessageDelta:
+        """A whole output split as streaming it would split it."""
+        return parse_whole(self.new_parser(), text) if self.parses else MessageDelta(content=text)
 
     def new_parser(self) -> MessageParser:
         factory = self.reasoning_factory()

@@ -23,8 +23,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from rillm.engine.async_engine import AsyncEngine
-from rillm.parsers.message import MessageDelta, parse_whole
-from rillm.server.chat import prepare_chat, render_chat
+from rillm.parsers.message import MessageDelta
+from rillm.server.chat import parsed_pieces, prepare_chat, render_chat
 from rillm.server.chat_output import ChatOutputPlan, template_kwargs
 from rillm.server.errors import APIError
 from rillm.server.generation import Generation, run_until_disconnect
@@ -46,10 +46,11 @@ from rillm.server.protocol import (
     Tool,
     ToolCall,
 )
+from rillm.server.sse import sse
 
 CHAT_PARAMS = {"stop": "stop_sequences"}
 """The chat path's parameter names as this API calls them, for its 400s."""
-PING = 'event: ping\ndata: {"type":"ping"}\n\n'
+PING = sse({"type": "ping"}, event="ping")
 
 
 def chat_request(body: MessagesRequest | CountTokensRequest) -> ChatCompletionRequest:
@@ -240,8 +241,7 @@ async def create_message(state: Any, engine: AsyncEngine, body: MessagesRequest,
         return generation.stream_response(_stream(generation, plan, builder, interval))
     final = await run_until_disconnect(request, generation.collect())
     choice = final.outputs[0]
-    builder.feed(parse_whole(plan.new_parser(), choice.text) if plan.parses
-                 else MessageDelta(content=choice.text))
+    builder.feed(plan.whole(choice.text))
     builder.finish()
     stop, sequence = _stop(choice.finish_reason, choice.stop_reason, builder.used_tools)
     return JSONResponse(_message(generation, builder.content, stop, sequence,
@@ -251,24 +251,17 @@ async def create_message(state: Any, engine: AsyncEngine, body: MessagesRequest,
 async def _stream(generation: Generation, plan: ChatOutputPlan, builder: MessageBuilder,
                   interval: int) -> AsyncIterator[str]:
     def event(data: dict[str, Any]) -> str:
-        return (f"event: {data['type']}\n"
-                f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n")
+        return sse(data, event=data["type"])
 
     yield event({"type": "message_start", "message": _message(
         generation, [], None, None, _usage(generation, 0))})
     yield PING
-    parser = plan.new_parser() if plan.parses else None
     try:
-        async for piece in generation.pieces(interval):
-            if piece is None:
+        async for parsed in parsed_pieces(generation, plan, interval):
+            if parsed is None:
                 yield PING
                 continue
-            if parser is None:
-                delta = MessageDelta(content=piece.text)
-            else:
-                delta = parser.feed(piece.text)
-                if piece.finish_reason is not None:
-                    delta = delta.then(parser.finish())
+            piece, delta = parsed
             for data in builder.feed(delta):
                 yield event(data)
             if piece.finish_reason is not None:

@@ -355,7 +355,21 @@ class ResponsesStreamOptions(_Strict):
     include_obfuscation: StrictBool | None = None
 
 
-class ResponsesRequest(_Strict):
+class EngineExtras(_Strict):
+    """The engine's extras (the SDKs' extra_body) on the APIs translated into chat requests,
+    as chat and completions take them."""
+
+    seed: StrictInt | None = None
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    ignore_eos: StrictBool = False
+    stream_interval: StrictInt | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    chat_template_kwargs: JSONObject | None = None
+
+
+class ResponsesRequest(EngineExtras):
     model: Text | None = None
     input: Text | list[InputItem]
     instructions: Text | None = None
@@ -391,15 +405,6 @@ class ResponsesRequest(_Strict):
     image: Any = None
     moderation: Any = None
     prompt_cache_options: Any = None
-    # The engine's extras (extra_body), as on chat.
-    seed: StrictInt | None = None
-    top_k: StrictInt | None = None
-    min_p: Number | None = None
-    repetition_penalty: Number | None = None
-    ignore_eos: StrictBool = False
-    stream_interval: StrictInt | None = None
-    structured_outputs: StructuredOutputsField | None = None
-    chat_template_kwargs: JSONObject | None = None
 
 
 # Anthropic's Messages API (POST /v1/messages): content blocks, tools, thinking. Fields of
@@ -484,7 +489,7 @@ class AnthropicThinkingConfig(_Strict):
     display: Text | None = None
 
 
-class MessagesRequest(_Strict):
+class MessagesRequest(EngineExtras):
     model: Text | None = None
     max_tokens: StrictInt
     messages: list[AnthropicMessage] = Field(min_length=1)
@@ -492,7 +497,6 @@ class MessagesRequest(_Strict):
     stop_sequences: list[Text] | None = None
     temperature: Number | None = None
     top_p: Number | None = None
-    top_k: StrictInt | None = None
     stream: StrictBool = False
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
@@ -506,14 +510,6 @@ class MessagesRequest(_Strict):
     inference_geo: Text | None = None
     output_config: Any = None
     speed: Text | None = None
-    # The engine's extras, as on OpenAI's routes.
-    seed: StrictInt | None = None
-    min_p: Number | None = None
-    repetition_penalty: Number | None = None
-    ignore_eos: StrictBool = False
-    stream_interval: StrictInt | None = None
-    structured_outputs: StructuredOutputsField | None = None
-    chat_template_kwargs: JSONObject | None = None
 
 
 class CountTokensRequest(_Strict):

@@ -26,8 +26,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from rillm.engine.async_engine import AsyncEngine
-from rillm.parsers.message import MessageDelta, parse_whole
-from rillm.server.chat import prepare_chat, reasoning_tokens
+from rillm.parsers.message import MessageDelta
+from rillm.server.chat import parsed_pieces, prepare_chat, reasoning_tokens
 from rillm.server.chat_output import ChatOutputPlan
 from rillm.server.errors import APIError
 from rillm.server.generation import Generation, run_until_disconnect
@@ -49,7 +49,7 @@ from rillm.server.protocol import (
     ToolCall,
 )
 from rillm.server.protocol import FunctionCall as ChatFunctionCall
-from rillm.server.sse import KEEPALIVE
+from rillm.server.sse import KEEPALIVE, sse
 
 CHAT_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens",
                "response_format": "text.format",
@@ -314,9 +314,7 @@ async def create_response(state: Any, engine: AsyncEngine, body: ResponsesReques
         return generation.stream_response(_stream(generation, plan, builder, interval))
     final = await run_until_disconnect(request, generation.collect())
     choice = final.outputs[0]
-    parser = plan.new_parser()
-    builder.feed(parse_whole(parser, choice.text) if plan.parses
-                 else MessageDelta(content=choice.text))
+    builder.feed(plan.whole(choice.text))
     status = _status(choice.finish_reason)
     builder.finish(status)
     return JSONResponse(builder.response(status, _usage(generation, plan,
@@ -331,26 +329,19 @@ async def _stream(generation: Generation, plan: ChatOutputPlan, builder: Respons
         nonlocal sequence
         data = {**data, "sequence_number": sequence}
         sequence += 1
-        return (f"event: {data['type']}\n"
-                f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n")
+        return sse(data, event=data["type"])
 
     started = builder.response("in_progress")
     yield event({"type": "response.created", "response": started})
     yield event({"type": "response.in_progress", "response": started})
-    parser = plan.new_parser() if plan.parses else None
     token_ids: list[int] = []
     try:
-        async for piece in generation.pieces(interval):
-            if piece is None:
+        async for parsed in parsed_pieces(generation, plan, interval):
+            if parsed is None:
                 yield KEEPALIVE
                 continue
+            piece, delta = parsed
             token_ids += piece.token_ids
-            if parser is None:
-                delta = MessageDelta(content=piece.text)
-            else:
-                delta = parser.feed(piece.text)
-                if piece.finish_reason is not None:
-                    delta = delta.then(parser.finish())
             for data in builder.feed(delta):
                 yield event(data)
             if piece.finish_reason is not None:

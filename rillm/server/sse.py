@@ -18,8 +18,11 @@ KEEPALIVE = ": keep-alive\n\n"
 DONE = "data: [DONE]\n\n"
 
 
-def sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def sse(data: dict[str, Any], event: str | None = None) -> str:
+    """One event; `event`: its `event:` line (the Responses and Messages APIs name each
+    event by its type; OpenAI's chunks have none)."""
+    line = f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return line if event is None else f"event: {event}\n{line}"
 
 
 class EventStreamResponse(StreamingResponse):
