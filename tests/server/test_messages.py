@@ -57,6 +57,15 @@ def test_text_streams_as_content_blocks_ending_in_the_whole_message(client):
     assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == block.text
     same(final, whole)
     assert whole.usage.output_tokens > 0
+    # The raw stream, every event parsed by the SDK's own types.
+    raw = list(client.messages.create(**kwargs, stream=True))
+    assert isinstance(raw[0], anthropic.types.RawMessageStartEvent)
+    assert isinstance(raw[-1], anthropic.types.RawMessageStopEvent)
+    deltas = [e for e in raw if isinstance(e, anthropic.types.RawContentBlockDeltaEvent)]
+    assert "".join(e.delta.text for e in deltas) == block.text
+    (stop,) = [e for e in raw if isinstance(e, anthropic.types.RawMessageDeltaEvent)]
+    assert stop.delta.stop_reason == whole.stop_reason
+    assert stop.usage.output_tokens == whole.usage.output_tokens
     assert client.messages.count_tokens(model=MODEL, messages=HI, system="Be brief."
                                         ).input_tokens == whole.usage.input_tokens
 
@@ -95,6 +104,11 @@ def test_a_forced_tool_call_is_a_tool_use_block(client):
     partial = "".join(e.delta.partial_json for e in events if e.type == "content_block_delta")
     assert json.loads(partial) == call.input
     same(final, whole)
+    raw = list(client.messages.create(**kwargs, stream=True))
+    (start,) = [e for e in raw if isinstance(e, anthropic.types.RawContentBlockStartEvent)]
+    assert start.content_block.type == "tool_use" and start.content_block.name == "get_weather"
+    assert json.loads("".join(e.delta.partial_json for e in raw if isinstance(
+        e, anthropic.types.RawContentBlockDeltaEvent))) == call.input
 
 
 def test_thinking_is_a_thinking_block(client):
@@ -109,6 +123,10 @@ def test_thinking_is_a_thinking_block(client):
     assert "".join(e.delta.thinking for e in events if e.type == "content_block_delta"
                    and e.delta.type == "thinking_delta") == thinking.thinking
     same(final, whole)
+    raw = list(client.messages.create(**kwargs, stream=True))
+    starts = [e.content_block.type for e in raw
+              if isinstance(e, anthropic.types.RawContentBlockStartEvent)]
+    assert starts == ["thinking", "text"]
 
 
 def test_a_tool_round_trip_is_rendered_like_chat(client, reasoning_server):
