@@ -62,6 +62,9 @@ def chat_request(body: MessagesRequest | CountTokensRequest) -> ChatCompletionRe
         messages.append(ChatMessage(role="system", content=system))
     for index, message in enumerate(body.messages):
         _add_message(messages, message, f"messages.{index}.content")
+    if not messages:
+        raise APIError(400, "messages hold nothing to answer (thinking blocks alone are not "
+                       "rendered)", param="messages")
     choice = body.tool_choice
     thinking = body.thinking
     kwargs = {"enable_thinking": thinking.type != "disabled"} if thinking is not None else {}

@@ -11,6 +11,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from rillm.server.errors import anthropic_route
+
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["error"],
@@ -26,6 +28,18 @@ ERROR_SCHEMA: dict[str, Any] = {
     }},
 }
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+# Anthropic's Messages API answers errors in Anthropic's shape (rillm/server/errors.py).
+ANTHROPIC_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {"type": {"const": "error"}, "error": {
+        "type": "object",
+        "required": ["type", "message"],
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+    }},
+}
+_ANTHROPIC_ERROR_CONTENT = {"application/json": {"schema": {
+    "$ref": "#/components/schemas/AnthropicErrorResponse"}}}
 
 # One Server-Sent Event of a stream (`stream: true`): its `data` is a chunk's JSON or [DONE].
 _SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
@@ -69,6 +83,7 @@ def install_openapi(app: FastAPI) -> None:
 def _declare_errors(schema: dict[str, Any]) -> dict[str, Any]:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["ErrorResponse"] = ERROR_SCHEMA
+    components["AnthropicErrorResponse"] = ANTHROPIC_ERROR_SCHEMA
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     for path, operations in schema.get("paths", {}).items():
@@ -81,4 +96,8 @@ def _declare_errors(schema: dict[str, Any]) -> dict[str, Any]:
             for status, description in statuses.items():
                 responses.setdefault(status, {"description": description,
                                               "content": _ERROR_CONTENT})
+            if anthropic_route(path):
+                for status, response in responses.items():
+                    if str(status).isdigit() and int(status) >= 400:
+                        responses[status] = {**response, "content": _ANTHROPIC_ERROR_CONTENT}
     return schema

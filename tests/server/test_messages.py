@@ -195,3 +195,17 @@ def test_a_disconnect_frees_every_block(reasoning_server):
     metrics = wait_until_idle(reasoning_server)
     assert metrics["rillm:kv_cache_blocks_in_use"] == 0
     assert metrics["rillm:num_requests_running"] == 0
+
+
+@pytest.mark.parametrize("path", ["/messages", "/messages/count_tokens"])
+def test_nothing_to_answer_is_a_400(reasoning_server, path):
+    """Found by the schema fuzzer: a conversation of thinking blocks alone renders to no
+    message at all."""
+    body = {"model": MODEL, "messages": [
+        {"role": "user", "content": [{"type": "thinking", "thinking": "hm"}]}]}
+    if path == "/messages":
+        body["max_tokens"] = 5
+    response = httpx.post(f"{reasoning_server.v1}{path}", timeout=30, json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "nothing to answer" in error["message"]
