@@ -100,10 +100,7 @@ def validation_api_error(errors: Any) -> APIError:
     # string").
     first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {
         "loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    # Drop pydantic's union-member tags ("str", "list[...]") from the path.
-    loc = [part for part in loc if not _is_type_tag(part)]
-    param = ".".join(loc) or None
+    param = ".".join(_field_path(first.get("loc", ()))) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
@@ -116,6 +113,23 @@ def validation_api_error(errors: Any) -> APIError:
         return APIError(400, f"{param}: a required field is missing", param=param)
     return APIError(400, f"{param}: {first.get('msg', 'invalid value')}", param=param,
                     code="invalid_value")
+
+
+def _field_path(loc: Any) -> list[str]:
+    """pydantic's error location as the request's field path: without "body", union-member
+    tags ("str", "list[...]") and the tag a tagged union adds before its member's fields
+    (content.0.text.text is content.0.text)."""
+    path: list[str] = []
+    tag_next = False
+    for part in (str(p) for p in loc if p != "body"):
+        if _is_type_tag(part):
+            tag_next = tag_next or "tagged-union[" in part
+            continue
+        if tag_next and not part.isdigit():
+            tag_next = False
+            continue
+        path.append(part)
+    return path
 
 
 def _is_type_tag(part: str) -> bool:
