@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 
 import httpx
+import pytest
 from openai import OpenAI
 
-from tests.live_server import read_metrics, wait_until_idle
+from tests.live_server import Server, read_metrics, start_server, wait_until_idle
 
 RILLM = [sys.executable, "-m", "rillm.cli"]
 
@@ -59,6 +62,13 @@ class Tmux:
 
     def send(self, *keys: str) -> None:
         subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+
+    def paste(self, text: str) -> None:
+        """As a terminal pastes: inside bracketed-paste markers, where the program asked for
+        them (tmux's paste-buffer -p)."""
+        subprocess.run(["tmux", "set-buffer", "-b", self.name, text], check=True)
+        subprocess.run(["tmux", "paste-buffer", "-p", "-d", "-b", self.name, "-t", self.name],
+                       check=True)
 
     def screen(self) -> str:
         return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name, "-S", "-200"],
@@ -116,3 +126,77 @@ def test_interactive_chat_in_a_terminal(server):
     finally:
         term.kill()
     assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def logged_server() -> Iterator[Server]:
+    """Its log has a line per request with the sampling settings the request carried."""
+    yield from start_server("--enable-log-requests")
+
+
+def request_lines(server: Server) -> list[str]:
+    return [line for line in open(server.log_path).read().splitlines()
+            if "prompt tokens" in line and "generated" in line]
+
+
+def wait_for_lines(server: Server, count: int) -> list[str]:
+    deadline = time.monotonic() + 30
+    while len(lines := request_lines(server)) < count:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.1)
+    return lines
+
+
+def test_line_editing_history_paste_and_settings(logged_server, tmp_path):
+    """The up arrow recalls a question from an earlier session; three pasted lines are one
+    message (one request); /set temperature reaches the next request."""
+    assert shutil.which("tmux"), "tmux is needed for this test"
+    command = ["env", f"XDG_DATA_HOME={tmp_path / 'data'}", *RILLM, "chat", "--base-url",
+               logged_server.v1, "--max-tokens", "8"]
+    first = Tmux(command)
+    try:
+        first.wait_for(lambda s: "rillm chat" in s)
+        first.send("What is the capital of Italy?", "Enter")
+        first.wait_for(lambda s: "tok/s" in s)
+        first.send("/exit", "Enter")
+        deadline = time.monotonic() + 10
+        while first.alive():  # exits by itself, its history written
+            assert time.monotonic() < deadline, "chat did not exit"
+            time.sleep(0.1)
+    finally:
+        first.kill()
+    assert "What is the capital of Italy?" in (tmp_path / "data" / "rillm" /
+                                               "chat_history").read_text()
+
+    term = Tmux(command)
+    saved = tmp_path / "conversation.json"
+    try:
+        term.wait_for(lambda s: "rillm chat" in s)
+        term.send("Up")  # the last line of the earlier session: /exit
+        term.wait_for(lambda s: "> /exit" in s)
+        term.send("Up")
+        term.wait_for(lambda s: "> What is the capital of Italy?" in s)
+        term.send("C-c")  # leave the recalled line: a fresh prompt
+        term.wait_for(lambda s: "(Ctrl-D or /exit to quit)" in s)
+        before = len(request_lines(logged_server))
+        term.paste("line one\nline two\nline three")
+        term.wait_for(lambda s: "line three" in s)
+        term.send("Enter")
+        term.wait_for(lambda s: s.count("tok/s") >= 1)
+        assert len(wait_for_lines(logged_server, before + 1)) == before + 1
+        term.send(f"/save {saved}", "Enter")
+        term.wait_for(lambda s: "(saved" in s)
+        messages = json.loads(saved.read_text())["messages"]
+        assert [m["content"] for m in messages if m["role"] == "user"] == [
+            "line one\nline two\nline three"]
+
+        term.send("/set temperature 0.3", "Enter")
+        term.wait_for(lambda s: "(temperature = 0.3)" in s)
+        term.send("/show", "Enter")
+        term.wait_for(lambda s: "temperature: 0.3" in s and "max_tokens: 8" in s)
+        term.send("Say hi.", "Enter")
+        lines = wait_for_lines(logged_server, before + 2)
+        assert "temperature=0.3 " in lines[-1] and "temperature=0.3 " not in lines[-2]
+        term.send("/exit", "Enter")
+    finally:
+        term.kill()
