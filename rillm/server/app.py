@@ -177,27 +177,21 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         from rillm.server.chat import create_chat_completion
 
-        if (resumed := _resume(state, request)) is not None:
-            return resumed
-        return await _generation(state, body.n, lambda engine: create_chat_completion(
+        return await _generation(state, request, body.n, lambda engine: create_chat_completion(
             state, engine, body, request))
 
     @app.post("/v1/responses", responses=GENERATION_RESPONSES)
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         from rillm.server.responses import create_response
 
-        if (resumed := _resume(state, request)) is not None:
-            return resumed
-        return await _generation(state, 1, lambda engine: create_response(
+        return await _generation(state, request, 1, lambda engine: create_response(
             state, engine, body, request))
 
     @app.post("/v1/messages", responses=GENERATION_RESPONSES)
     async def messages(body: MessagesRequest, request: Request) -> Response:
         from rillm.server.messages import create_message
 
-        if (resumed := _resume(state, request)) is not None:
-            return resumed
-        return await _generation(state, 1, lambda engine: create_message(
+        return await _generation(state, request, 1, lambda engine: create_message(
             state, engine, body, request))
 
     @app.post("/v1/messages/count_tokens")
@@ -210,9 +204,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     async def completions(body: CompletionRequest, request: Request) -> Response:
         from rillm.server.completions import create_completion, sequence_count
 
-        if (resumed := _resume(state, request)) is not None:
-            return resumed
-        return await _generation(state, sequence_count(body.prompt, body.n),
+        return await _generation(state, request, sequence_count(body.prompt, body.n),
                                  lambda engine: create_completion(state, engine, body, request))
 
     @app.post("/tokenize")
@@ -258,7 +250,7 @@ def _resume(state: ServerState, request: Request) -> EventStreamResponse | None:
 
 
 async def _generation(
-    state: ServerState, sequences: int,
+    state: ServerState, request: Request, sequences: int,
     handler: Callable[[AsyncEngine], Awaitable[Response]],
 ) -> Response:
     """Admission, counted in sequences: a request is refused (429, Retry-After) when the
@@ -266,7 +258,10 @@ async def _generation(
     (`max_num_seqs`); an idle server admits any request, so a large one can still run alone.
     The check and taking the place are one step (no await between), so a burst cannot pass
     the check together; the place is given back when the response is over (a stream's end,
-    however it ends) or the handler fails."""
+    however it ends) or the handler fails. A request resuming a stream (Last-Event-ID) takes
+    no place: it reads the rest of that stream."""
+    if (resumed := _resume(state, request)) is not None:
+        return resumed
     engine = state.ready_engine()
     if (busy := _queue_full(state, engine, sequences)) is not None:
         raise busy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -193,9 +193,21 @@ def _spec_fields(body: ChatCompletionRequest) -> ChatCompletionRequest:
 
 
 async def prepare_chat(state: Any, engine: AsyncEngine, body: ChatCompletionRequest,
-                       id_prefix: str, request: Request) -> tuple[Generation, ChatOutputPlan]:
+                       id_prefix: str, request: Request,
+                       params: Mapping[str, str] | None = None
+                       ) -> tuple[Generation, ChatOutputPlan]:
     """A chat request rendered, checked and admitted: its generation (not started) and how
-    its output is to be read. The Responses and Messages APIs come through here too."""
+    its output is to be read. The Responses and Messages APIs come through here too, their
+    400s naming their own fields (`params`: chat's name -> theirs)."""
+    try:
+        return await _prepare_chat(state, engine, body, id_prefix, request)
+    except APIError as exc:
+        exc.param = (params or {}).get(exc.param or "", exc.param)
+        raise
+
+
+async def _prepare_chat(state: Any, engine: AsyncEngine, body: ChatCompletionRequest,
+                        id_prefix: str, request: Request) -> tuple[Generation, ChatOutputPlan]:
     state.check_model(body.model)
     body = _spec_fields(body)
     kwargs = template_kwargs(state.config, body)

@@ -232,12 +232,8 @@ def _message(generation: Generation, content: list[dict[str, Any]], stop: str | 
 
 async def create_message(state: Any, engine: AsyncEngine, body: MessagesRequest,
                          request: Request) -> Response:
-    try:
-        generation, plan = await prepare_chat(state, engine, chat_request(body), "msg_",
-                                              request)
-    except APIError as exc:
-        exc.param = CHAT_PARAMS.get(exc.param or "", exc.param)
-        raise
+    generation, plan = await prepare_chat(state, engine, chat_request(body), "msg_",
+                                          request, CHAT_PARAMS)
     builder = MessageBuilder()
     if body.stream:
         interval = body.stream_interval or state.config.stream_interval

@@ -302,12 +302,8 @@ def _status(finish_reason: str | None) -> str:
 
 async def create_response(state: Any, engine: AsyncEngine, body: ResponsesRequest,
                           request: Request) -> Response:
-    try:
-        generation, plan = await prepare_chat(state, engine, chat_request(body), "resp_",
-                                              request)
-    except APIError as exc:
-        exc.param = CHAT_PARAMS.get(exc.param or "", exc.param)
-        raise
+    generation, plan = await prepare_chat(state, engine, chat_request(body), "resp_",
+                                          request, CHAT_PARAMS)
     builder = ResponseBuilder(generation, body)
     if body.stream:
         interval = body.stream_interval or state.config.stream_interval
