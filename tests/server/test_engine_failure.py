@@ -67,9 +67,22 @@ def _failing_app(make_engine):
     return create_app(config, lambda: async_engine, state), async_engine, failures
 
 
-def _named_events(text: str) -> list[tuple[str, dict]]:
+def _events_of_a_failing_stream(make_engine, path: str, body: dict
+                                ) -> list[tuple[str, dict]]:
+    """The (event name, data) pairs of a stream at `path` whose engine fails mid-way."""
+    app, async_engine, _ = _failing_app(make_engine)
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return await client.post(path, json=body)
+
+    try:
+        response = asyncio.run(main())
+    finally:
+        async_engine.shutdown()
     events = []
-    for block in text.split("\n\n"):
+    for block in response.text.split("\n\n"):
         lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
         if "event" in lines:
             events.append((lines["event"], json.loads(lines["data"])))
@@ -77,19 +90,8 @@ def _named_events(text: str) -> list[tuple[str, dict]]:
 
 
 def test_a_failure_mid_stream_ends_a_responses_stream_with_response_failed(make_engine):
-    app, async_engine, _ = _failing_app(make_engine)
-
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            return await client.post("/v1/responses", json={
-                "input": "Hi", "stream": True, "max_output_tokens": 20, "ignore_eos": True})
-
-    try:
-        response = asyncio.run(main())
-    finally:
-        async_engine.shutdown()
-    events = _named_events(response.text)
+    events = _events_of_a_failing_stream(make_engine, "/v1/responses", {
+        "input": "Hi", "stream": True, "max_output_tokens": 20, "ignore_eos": True})
     names = [name for name, _ in events]
     assert names[0] == "response.created" and names[-1] == "response.failed"
     assert "response.completed" not in names
@@ -103,20 +105,9 @@ def test_a_failure_mid_stream_ends_a_responses_stream_with_response_failed(make_
 
 
 def test_a_failure_mid_stream_ends_a_messages_stream_with_an_error_event(make_engine):
-    app, async_engine, _ = _failing_app(make_engine)
-
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            return await client.post("/v1/messages", json={
-                "model": "m", "max_tokens": 20, "stream": True, "ignore_eos": True,
-                "messages": [{"role": "user", "content": "Hi"}]})
-
-    try:
-        response = asyncio.run(main())
-    finally:
-        async_engine.shutdown()
-    events = _named_events(response.text)
+    events = _events_of_a_failing_stream(make_engine, "/v1/messages", {
+        "model": "m", "max_tokens": 20, "stream": True, "ignore_eos": True,
+        "messages": [{"role": "user", "content": "Hi"}]})
     assert events[0][0] == "message_start" and events[-1][0] == "error"
     assert "message_stop" not in [name for name, _ in events]
     error = events[-1][1]
