@@ -42,7 +42,7 @@ test-all: $(STAMP) $(VENV)/.browser
 	$(BIN)/python -m pytest -q -m ''
 
 lint: $(STAMP)
-	$(BIN)/ruff check rillm tests bench
+	$(BIN)/ruff check rillm tests bench examples tools
 	$(BIN)/mypy rillm
 
 bench: $(STAMP)

@@ -80,11 +80,13 @@ def server() -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def guarded_server() -> Iterator[Server]:
-    """Two API keys, one sequence at a time with one waiting, a custom name, CORS, quick
+    """Two API keys, one sequence at a time with one waiting, a custom name, CORS for two
+    origins (the second a page in a browser: *.localhost is a secure context), quick
     keep-alive."""
     yield from start_server(
         "--api-key", "sesame", "open-sesame", "--max-num-seqs", "1", "--max-queued-requests", "1",
         "--served-model-name", "house-model", "smol", "--allowed-origins", "http://example.com",
+        "http://chat.localhost",
         "--keepalive-interval", "0.3", api_key="sesame",
     )
 

@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +27,7 @@ from rillm.server.gate import RequestGate, allowed_hosts
 from rillm.server.metrics import EngineCollector, RequestMetricsRecorder, metrics_text
 from rillm.server.offload import decode, encode
 from rillm.server.openapi import GENERATION_RESPONSES, HEALTH_RESPONSES, install_openapi
+from rillm.server.page import install_page
 from rillm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -129,12 +129,7 @@ def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
     # The API key is checked by RequestGate (rillm/server/gate.py), before any body is read,
     # on the routes `gate.guarded` names.
 
-    page = (Path(__file__).parent / "static" / "index.html").read_bytes()
-
-    @app.get("/", include_in_schema=False)
-    async def chat_page() -> Response:
-        # The page itself is public; the API key guards the /v1 calls it makes.
-        return Response(page, media_type="text/html; charset=utf-8")
+    install_page(app)
 
     @app.get("/health", response_class=Response, responses=HEALTH_RESPONSES)
     async def health() -> Response:
