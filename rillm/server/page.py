@@ -30,7 +30,7 @@ PAGE_POLICY = "; ".join([
     "default-src 'none'",
     "script-src 'self'",
     "style-src 'self'",
-    "img-src 'self' data:",
+    "img-src data:",
     "connect-src *",
     "base-uri 'none'",
     "form-action 'none'",

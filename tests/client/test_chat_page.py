@@ -103,6 +103,15 @@ def test_page_streams_an_answer_and_stop_aborts_on_the_server(server, browser):
         assert time.monotonic() < deadline, "the answer did not grow"
         time.sleep(0.1)
     assert read_metrics(server)["rillm:num_requests_running"] >= 1
+    # Renaming the conversation redraws it; the answer streams on into the new drawing.
+    page.locator(".conversation.current .rename").click()
+    page.fill(".conversation input", "Lighthouse")
+    page.press(".conversation input", "Enter")
+    expect(page.locator(".conversation.current .open")).to_have_text("Lighthouse")
+    grown = len(answer.inner_text())
+    while len(answer.inner_text()) <= grown:
+        assert time.monotonic() < deadline, "the answer stopped growing after a rename"
+        time.sleep(0.1)
     page.click("#stop")
     expect(page.locator(".assistant .stats").last).to_contain_text("stopped")
     metrics = wait_until_idle(server)
@@ -270,9 +279,25 @@ def test_page_uses_the_api_key_and_another_server(guarded_server: Server, browse
     assert not page.locator(".assistant .error").inner_text()
     # The key lives for this tab only: in sessionStorage, never in localStorage (which any
     # later page of the origin, and every later visit, can read).
-    assert page.evaluate("sessionStorage.getItem('rillm-api-key')") == "sesame"
+    key = json.loads(page.evaluate("sessionStorage.getItem('rillm-api-key')"))
+    assert key == {"base": guarded_server.base_url, "key": "sesame"}
     stored = page.evaluate("JSON.stringify(Object.entries(localStorage))")
     assert "sesame" not in stored and "rillm-chat:" in stored
+    # A link naming another server does not get the key, and its server is not kept.
+    sent: list[dict[str, str]] = []
+
+    def other_server(route):
+        sent.append(route.request.headers)
+        route.fulfill(status=401, json={"error": {"message": "who are you?"}})
+
+    page.route("http://other.localhost/**", other_server)
+    page.goto("http://chat.localhost/?base=http://other.localhost")
+    expect(page.locator("#status")).to_contain_text("who are you?")
+    assert sent and not any("authorization" in headers for headers in sent), sent
+    assert page.input_value("#api-key") == ""
+    assert json.loads(page.evaluate("localStorage.getItem('rillm-settings')"))["base"] == ""
+    page.goto(f"http://chat.localhost/?base={guarded_server.base_url}")
+    expect(page.locator("#model option")).to_have_count(2)  # its key again
     context.close()
 
 

@@ -7,7 +7,7 @@ const $ = (id) => document.getElementById(id);
 const CONVERSATION_KEY = "rillm-chat:";   // + id: one conversation
 const SETTINGS_KEY = "rillm-settings";    // everything in the settings panel but the API key
 const THEME_KEY = "rillm-theme";
-const API_KEY = "rillm-api-key";          // sessionStorage: this tab only
+const API_KEY = "rillm-api-key";          // sessionStorage, this tab only: {base, key}
 const NEW_TITLE = "New chat";
 const SAMPLING = [                         // [input id, request field, parse]
   ["temperature", "temperature", Number], ["top-p", "top_p", Number],
@@ -32,6 +32,9 @@ const state = {
   current: null,
   run: null,                 // the answer streaming now: {conv, message, view, controller}
   model: "",
+  renaming: false,
+  savedBase: "",             // the server saved in settings; a ?base= one is used, not saved
+  baseFromUrl: false,
 };
 
 // ---- storage ---------------------------------------------------------------------------------
@@ -83,22 +86,51 @@ function loadSettings() {
   try { saved = JSON.parse(localStorage.getItem(SETTINGS_KEY)) || {}; } catch { /* defaults */ }
   for (const id of SAVED_FIELDS) if (typeof saved[id] === "string") $(id).value = saved[id];
   state.model = typeof saved.model === "string" ? saved.model : "";
+  state.savedBase = $("base").value;
   const base = new URLSearchParams(location.search).get("base");
-  if (base) $("base").value = base;
-  $("api-key").value = sessionStorage.getItem(API_KEY) || "";
+  if (base) {
+    $("base").value = base;
+    state.baseFromUrl = true;
+  }
+  loadKey();
+  showServer();
 }
 
 function saveSettings() {
   const values = { model: state.model };
   for (const id of SAVED_FIELDS) values[id] = $(id).value;
+  if (state.baseFromUrl) values.base = state.savedBase;  // a link's server is not kept
   localStorage.setItem(SETTINGS_KEY, JSON.stringify(values));
+}
+
+// The key goes only to the server it was typed for: a link with another ?base= does not get it.
+function loadKey() {
+  let stored = null;
+  try { stored = JSON.parse(sessionStorage.getItem(API_KEY)); } catch { /* none */ }
+  $("api-key").value = stored && stored.base === baseUrl() ? stored.key : "";
+}
+
+function saveKey() {
+  sessionStorage.setItem(API_KEY, JSON.stringify({ base: baseUrl(), key: $("api-key").value }));
+}
+
+function showServer() {
+  const base = baseUrl();
+  let label = "";
+  try { label = base ? new URL(base).host : ""; } catch { label = base; }
+  $("server").textContent = label;
+  $("server").title = base;
 }
 
 // ---- the server ------------------------------------------------------------------------------
 
+function baseUrl() {
+  return $("base").value.trim().replace(/\/+$/, "").replace(/\/v1$/, "");
+}
+
 function apiUrl(path) {
   // Empty: this server, relative to the page (it may sit behind a proxy under a prefix).
-  const base = $("base").value.trim().replace(/\/+$/, "").replace(/\/v1$/, "");
+  const base = baseUrl();
   return base ? base + "/v1/" + path : "v1/" + path;
 }
 
@@ -156,22 +188,29 @@ function requestBody(history) {
   return body;
 }
 
-// Reads a text/event-stream body and calls onData with each `data:` payload.
+// Reads a text/event-stream body and calls onData with each `data:` payload, until the body
+// ends or onData returns true (then the connection is let go).
 async function readEvents(response, onData) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
-  let buffer = "";
+  let buffer = "", carry = "";
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
-    buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+    let text = carry + decoder.decode(value, { stream: true });
+    carry = text.endsWith("\r") ? "\r" : "";  // a CRLF may be split between two reads
+    if (carry) text = text.slice(0, -1);
+    buffer += text.replace(/\r\n?/g, "\n");
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
       const block = buffer.slice(0, cut);
       buffer = buffer.slice(cut + 2);
       const data = block.split("\n").filter((line) => line.startsWith("data:"))
         .map((line) => line.slice(line.startsWith("data: ") ? 6 : 5)).join("\n");
-      if (data) onData(data);
+      if (data && onData(data)) {
+        await reader.cancel();
+        return;
+      }
     }
   }
 }
@@ -238,8 +277,9 @@ function formatStats(stats) {
   const parts = [];
   if (stats.stopped) parts.push("stopped");
   if (stats.ttft !== undefined) parts.push(`first token ${stats.ttft.toFixed(2)} s`);
-  if (stats.rate) parts.push(`${stats.rate.toFixed(1)} tok/s`);
-  if (stats.tokens !== undefined) parts.push(`${stats.tokens} tokens`);
+  const about = stats.estimated ? "≈" : "";  // counted in stream chunks: no usage came
+  if (stats.rate) parts.push(`${about}${stats.rate.toFixed(1)} tok/s`);
+  if (stats.tokens !== undefined) parts.push(`${about}${stats.tokens} tokens`);
   if (stats.finish) parts.push(stats.finish);
   return parts.join(" · ");
 }
@@ -312,7 +352,9 @@ function renderConversation() {
     empty.textContent = "Ask anything.";
     messages.append(empty);
   } else {
-    conv.messages.forEach((m, i) => messages.append(messageView(m, i)));
+    // The answer streaming now keeps its view: the stream goes on writing into it.
+    conv.messages.forEach((m, i) => messages.append(
+      state.run && state.run.message === m ? state.run.view : messageView(m, i)));
   }
   messages.scrollTop = messages.scrollHeight;
   updateControls();
@@ -320,6 +362,7 @@ function renderConversation() {
 
 function renderList() {
   const list = $("conversations");
+  if (state.renaming) return;  // a name is being typed; the list is drawn when it is done
   list.replaceChildren();
   for (const conv of byRecency()) {
     const item = document.createElement("li");
@@ -338,6 +381,7 @@ function updateControls() {
   const busy = state.run !== null;
   $("send").disabled = busy;
   $("stop").disabled = !busy;
+  $("messages").setAttribute("aria-busy", String(busy));
   // Regenerate belongs to the last answer only; nothing is edited under a running answer.
   const views = $("messages").querySelectorAll(".msg");
   views.forEach((view, i) => {
@@ -355,6 +399,10 @@ function showStatus(text) {
 // ---- conversations ---------------------------------------------------------------------------
 
 function switchTo(conv) {
+  if (conv && conv === state.current) {  // e.g. a tap to close the drawer on a phone
+    closeDrawers();
+    return;
+  }
   stop();
   state.current = conv;
   closeDrawers();
@@ -374,10 +422,12 @@ function rename(item, conv) {
   item.replaceChildren(input);
   input.focus();
   input.select();
+  state.renaming = true;
   let done = false;
   const finish = (keep) => {
     if (done) return;
     done = true;
+    state.renaming = false;
     const title = input.value.trim();
     if (keep && title) {
       conv.title = title.slice(0, 200);
@@ -389,7 +439,10 @@ function rename(item, conv) {
   };
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter") finish(true);
-    if (event.key === "Escape") finish(false);
+    if (event.key === "Escape") {
+      event.stopPropagation();  // not a Stop
+      finish(false);
+    }
   });
   input.addEventListener("blur", () => finish(true));
 }
@@ -475,14 +528,14 @@ async function generate(conv) {
   updateControls();
 
   const started = performance.now();
-  let firstAt = null, usage = null, finish = null, pieces = 0;
+  let firstAt = null, usage = null, finish = null, pieces = 0, savedAt = started;
   const stats = () => {
     const now = performance.now();
     const ttft = firstAt === null ? undefined : (firstAt - started) / 1000;
     const tokens = usage ? usage.completion_tokens : pieces;
     const seconds = firstAt === null ? 0 : (now - firstAt) / 1000;
     const rate = seconds > 0 && tokens > 1 ? (tokens - 1) / seconds : 0;
-    return { ttft, rate, tokens, finish: finish || undefined };
+    return { ttft, rate, tokens, finish: finish || undefined, estimated: !usage || undefined };
   };
   try {
     const response = await fetch(apiUrl("chat/completions"), {
@@ -491,7 +544,7 @@ async function generate(conv) {
     });
     if (!response.ok) throw new Error(await errorMessage(response));
     await readEvents(response, (data) => {
-      if (data === "[DONE]") return;
+      if (data === "[DONE]") return true;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message || String(chunk.error));
       if (chunk.usage) usage = chunk.usage;
@@ -500,36 +553,46 @@ async function generate(conv) {
         const thought = delta.reasoning || delta.reasoning_content;
         if (thought) message.reasoning += thought;
         if (delta.content) message.content += delta.content;
-        for (const call of delta.tool_calls || []) {
+        const calls = delta.tool_calls || [];
+        for (const call of calls) {
           const fn = call.function || {};
           message.content += (fn.name ? `\n\n\`${fn.name}\` ` : "") + (fn.arguments || "");
         }
-        if (thought || delta.content) {
+        if (thought || delta.content || calls.length) {
           pieces += 1;
           if (firstAt === null) firstAt = performance.now();
         }
         if (choice.finish_reason) finish = choice.finish_reason;
       }
       message.stats = stats();
-      scheduleFill(view, message);
+      scheduleFill(run.view, message);
+      if (performance.now() - savedAt > 2000) {  // a reload mid-answer keeps most of it
+        savedAt = performance.now();
+        save(conv);
+      }
     });
     message.stats = stats();
   } catch (err) {
     if (err.name === "AbortError") {
       message.stats = { stopped: true, ...stats() };
     } else {
+      run.controller.abort();  // a bad event: let the server know the answer is not wanted
       message.error = err.message;
       message.stats = undefined;
     }
   } finally {
+    if (state.run === run) state.run = null;
+    save(conv);
+    const view = run.view;
     if (view.pendingFrame) cancelAnimationFrame(view.pendingFrame);
     view.pendingFrame = 0;
     view.classList.remove("streaming");
-    fillView(view, message);
-    save(conv);
-    if (state.run === run) state.run = null;
-    renderList();
-    updateControls();
+    try {
+      fillView(view, message);
+    } finally {
+      renderList();
+      updateControls();
+    }
   }
 }
 
@@ -549,6 +612,7 @@ function applyTheme() {
 
 function closeDrawers() {
   document.body.classList.remove("show-sidebar");
+  $("menu").setAttribute("aria-expanded", "false");
   $("scrim").hidden = !narrow() || $("settings").hidden;
 }
 
@@ -561,9 +625,31 @@ function toggleSettings(open) {
   $("settings-toggle").setAttribute("aria-expanded", String(open));
 }
 
+// Another tab changed or deleted a conversation.
+function onStorage(event) {
+  if (!event.key || !event.key.startsWith(CONVERSATION_KEY)) return;
+  const id = event.key.slice(CONVERSATION_KEY.length);
+  const mine = state.conversations.get(id);
+  if (event.newValue === null) {
+    if (!mine) return;
+    if (state.run && state.run.conv === mine) stop();
+    mine.deleted = true;
+    state.conversations.delete(id);
+    if (state.current === mine) state.current = byRecency()[0] || null;
+  } else {
+    let conv = null;
+    try { conv = JSON.parse(event.newValue); } catch { return; }
+    if (!isConversation(conv) || (state.run && state.run.conv === mine)) return;
+    state.conversations.set(id, conv);
+    if (state.current === mine) state.current = conv;
+  }
+  if (!state.run || state.run.conv !== state.current) renderConversation();
+  renderList();
+}
+
 function start() {
-  marked.use({ renderer: { html: (token) => escapeHtml(token.text) } });
-  DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (window.marked) marked.use({ renderer: { html: (token) => escapeHtml(token.text) } });
+  if (window.DOMPurify) DOMPurify.addHook("afterSanitizeAttributes", (node) => {
     if (node.tagName === "A") {
       node.setAttribute("target", "_blank");
       node.setAttribute("rel", "noopener noreferrer nofollow");
@@ -590,7 +676,13 @@ function start() {
       $("form").requestSubmit();
     }
   });
-  document.addEventListener("keydown", (event) => { if (event.key === "Escape") stop(); });
+  document.addEventListener("keydown", (event) => {
+    const target = event.target;
+    const typing = target !== $("input") && target.matches("input, textarea, select");
+    if (event.key === "Escape" && !event.isComposing && !typing) stop();
+  });
+  window.addEventListener("storage", onStorage);
+  window.addEventListener("pagehide", () => { if (state.run) save(state.run.conv); });
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", newConversation);
   $("theme").addEventListener("click", () => {
@@ -599,6 +691,7 @@ function start() {
   });
   $("menu").addEventListener("click", () => {
     document.body.classList.add("show-sidebar");
+    $("menu").setAttribute("aria-expanded", "true");
     $("scrim").hidden = false;
   });
   $("scrim").addEventListener("click", () => { toggleSettings(false); closeDrawers(); });
@@ -609,10 +702,16 @@ function start() {
   $("settings").addEventListener("submit", (event) => event.preventDefault());
   $("settings-close").addEventListener("click", () => { toggleSettings(false); closeDrawers(); });
   $("model").addEventListener("change", () => { state.model = $("model").value; saveSettings(); });
-  for (const id of SAVED_FIELDS) $(id).addEventListener("change", saveSettings);
-  $("base").addEventListener("change", loadModels);
+  for (const id of SAVED_FIELDS) if (id !== "base") $(id).addEventListener("change", saveSettings);
+  $("base").addEventListener("change", () => {
+    state.baseFromUrl = false;  // typed by the user: kept
+    saveSettings();
+    loadKey();
+    showServer();
+    loadModels();
+  });
   $("api-key").addEventListener("change", () => {
-    sessionStorage.setItem(API_KEY, $("api-key").value);
+    saveKey();
     loadModels();
   });
   loadModels();
