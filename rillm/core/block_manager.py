@@ -22,6 +22,23 @@ from rillm.core.request import Request
 _ROOT_HASH = 0x5EED
 
 
+def block_hash(parent: int, tokens: Sequence[int]) -> int:
+    """The hash naming one full block: its tokens and, through `parent` (the previous block's
+    hash, or the root's), every token before them. Python hashes ints and tuples of ints the
+    same way in every process, so another process (a router) computes the same names."""
+    return hash((parent, tuple(tokens)))
+
+
+def prefix_block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """The hashes of the full blocks of `token_ids`, as the block manager names them."""
+    hashes: list[int] = []
+    parent = _ROOT_HASH
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = block_hash(parent, token_ids[start : start + block_size])
+        hashes.append(parent)
+    return hashes
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -138,5 +155,5 @@ class BlockManager:
         num_blocks = min(num_blocks, len(tokens) // size)
         parent = hashes[-1] if hashes else _ROOT_HASH
         for index in range(len(hashes), num_blocks):
-            parent = hash((parent, tuple(tokens[index * size : (index + 1) * size])))
+            parent = block_hash(parent, tokens[index * size : (index + 1) * size])
             hashes.append(parent)
