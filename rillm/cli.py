@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -127,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the model's tool-call format")
     serve.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
                        help='e.g. \'{"enable_thinking": false}\'; requests may override')
+    serve.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N",
+                       help="engine replicas on Ray Serve, each with its share of the cores "
+                       "(needs pip install 'rillm[ray]'; docs/ray.md)")
+    serve.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="run the replicas on this Ray cluster (default: a local Ray "
+                       "instance, or the cluster RAY_ADDRESS names)")
     serve.add_argument("--uvicorn-log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.set_defaults(handler=run_serve)
@@ -366,7 +373,11 @@ def run_serve(args: argparse.Namespace) -> int:
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             tool_call_parser=args.tool_call_parser,
             default_chat_template_kwargs=template_kwargs,
+            data_parallel_size=args.data_parallel_size,
+            ray_address=args.ray_address,
         )
+        if server_config.data_parallel_size > 1 and importlib.util.find_spec("ray") is None:
+            raise ValueError("--data-parallel-size needs Ray: pip install 'rillm[ray]'")
     except ValueError as exc:
         print(f"rillm: error: {exc}", file=sys.stderr)
         return 2

@@ -181,6 +181,10 @@ class InvalidParameterError(ValueError):
         self.code = code
         """OpenAI's error code where it has one (context_length_exceeded)."""
 
+    def __reduce__(self) -> tuple:
+        # Crosses processes whole (an engine replica raises it, the server answers the 400).
+        return (type(self), (self.param, self.message, self.code))
+
 
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:

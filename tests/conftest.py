@@ -103,7 +103,7 @@ def reasoning_server() -> Iterator[Server]:
 
 
 _SERVER_FIXTURES = {"server", "guarded_server", "reasoning_server"}
-_SERVER_DIRS = ("tests/server/", "tests/client/", "tests/bench/")
+_SERVER_DIRS = ("tests/server/", "tests/client/", "tests/bench/", "tests/distributed/test_ray")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -118,3 +118,5 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.server)
         if path == "tests/client/test_chat_page.py":
             item.add_marker(pytest.mark.browser)
+        if path.startswith("tests/distributed/test_ray"):
+            item.add_marker(pytest.mark.ray)

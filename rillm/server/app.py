@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from rillm import __version__
-from rillm.engine.async_engine import AsyncEngine
+from rillm.engine.protocol import ServingEngine
 from rillm.server.config import ServerConfig
 from rillm.server.errors import APIError, install_error_handlers
 from rillm.server.gate import RequestGate, allowed_hosts
@@ -51,7 +51,7 @@ GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/re
 @dataclass
 class ServerState:
     config: ServerConfig
-    engine: AsyncEngine | None = None
+    engine: ServingEngine | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
     num_active: int = 0
@@ -74,7 +74,7 @@ class ServerState:
     def model_name(self) -> str:
         return self.config.served_model_names[0]
 
-    def ready_engine(self) -> AsyncEngine:
+    def ready_engine(self) -> ServingEngine:
         if self.engine is None:
             message = self.load_error or "the model is still loading"
             raise APIError(503, message, headers={"Retry-After": "5"})
@@ -88,7 +88,7 @@ class ServerState:
                            f"{self.model_name!r}", param="model", code="model_not_found")
 
 
-def create_app(config: ServerConfig, load_engine: Callable[[], AsyncEngine],
+def create_app(config: ServerConfig, load_engine: Callable[[], ServingEngine],
                state: ServerState | None = None) -> FastAPI:
     state = state or ServerState(config)
     if config.stream_resume_window > 0:
@@ -246,7 +246,7 @@ def _resume(state: ServerState, request: Request) -> EventStreamResponse | None:
 
 async def _generation(
     state: ServerState, request: Request, sequences: int,
-    handler: Callable[[AsyncEngine], Awaitable[Response]],
+    handler: Callable[[ServingEngine], Awaitable[Response]],
 ) -> Response:
     """Admission, counted in sequences: a request is refused (429, Retry-After) when the
     sequences it starts would make more than `max_queued_requests` wait beyond the batch
@@ -285,7 +285,7 @@ async def _generation(
     return response
 
 
-def _queue_full(state: ServerState, engine: AsyncEngine, sequences: int) -> APIError | None:
+def _queue_full(state: ServerState, engine: ServingEngine, sequences: int) -> APIError | None:
     """The 429 for a request of `sequences` sequences, where it would make more than
     `max_queued_requests` wait beyond the batch; None: admitted."""
     limit = state.config.max_queued_requests
@@ -312,7 +312,7 @@ def _refuse_early(state: ServerState) -> Callable[[str, str, bool], APIError | N
     return refuse
 
 
-async def _load(state: ServerState, load_engine: Callable[[], AsyncEngine]) -> None:
+async def _load(state: ServerState, load_engine: Callable[[], ServingEngine]) -> None:
     try:
         state.engine = await asyncio.to_thread(load_engine)
     except Exception as exc:  # noqa: BLE001 - reported to the operator, then the server exits
@@ -326,7 +326,7 @@ async def _load(state: ServerState, load_engine: Callable[[], AsyncEngine]) -> N
         state.on_ready()
 
 
-def _watch(state: ServerState, engine: AsyncEngine) -> None:
+def _watch(state: ServerState, engine: ServingEngine) -> None:
     """The server's hold on its engine: its grammar compile timeout, and a crashed engine ends
     the server (`on_failure`: `rillm serve` then exits 1, so that a supervisor restarts it)
     once every stream has been told; /health answers 503 meanwhile."""

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from rillm.engine.async_engine import AsyncEngine
+from rillm.engine.protocol import ServingEngine
 from rillm.outputs import RequestOutput
 from rillm.parsers.message import MessageDelta, count_reasoning_tokens, parse_whole
 from rillm.sampling_params import MAX_LOGPROBS
@@ -48,7 +48,7 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 })
 
 
-def template_job(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage],
+def template_job(state: Any, engine: ServingEngine, messages: Sequence[ChatMessage],
                  add_generation_prompt: bool, chat_template: str | None,
                  tools: Sequence[Tool] | None = None,
                  template_kwargs: dict[str, Any] | None = None) -> TemplateJob:
@@ -78,7 +78,7 @@ def template_job(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage
                        kwargs)
 
 
-async def render_chat(state: Any, engine: AsyncEngine, messages: Sequence[ChatMessage],
+async def render_chat(state: Any, engine: ServingEngine, messages: Sequence[ChatMessage],
                       add_generation_prompt: bool, chat_template: str | None,
                       tools: Sequence[Tool] | None = None,
                       template_kwargs: dict[str, Any] | None = None) -> str:
@@ -126,7 +126,7 @@ def _json_or_text(text: str) -> Any:
         return text
 
 
-async def create_chat_completion(state: Any, engine: AsyncEngine, body: ChatCompletionRequest,
+async def create_chat_completion(state: Any, engine: ServingEngine, body: ChatCompletionRequest,
                                  request: Request) -> Response:
     generation, plan = await prepare_chat(state, engine, body, "chatcmpl-", request)
     if body.stream:
@@ -192,7 +192,7 @@ def _spec_fields(body: ChatCompletionRequest) -> ChatCompletionRequest:
     return body.model_copy(update=update) if update else body
 
 
-async def prepare_chat(state: Any, engine: AsyncEngine, body: ChatCompletionRequest,
+async def prepare_chat(state: Any, engine: ServingEngine, body: ChatCompletionRequest,
                        id_prefix: str, request: Request,
                        params: Mapping[str, str] | None = None
                        ) -> tuple[Generation, ChatOutputPlan]:
@@ -206,7 +206,7 @@ async def prepare_chat(state: Any, engine: AsyncEngine, body: ChatCompletionRequ
         raise
 
 
-async def _prepare_chat(state: Any, engine: AsyncEngine, body: ChatCompletionRequest,
+async def _prepare_chat(state: Any, engine: ServingEngine, body: ChatCompletionRequest,
                         id_prefix: str, request: Request) -> tuple[Generation, ChatOutputPlan]:
     state.check_model(body.model)
     body = _spec_fields(body)

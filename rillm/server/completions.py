@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from rillm.engine.async_engine import AsyncEngine
+from rillm.engine.protocol import ServingEngine
 from rillm.outputs import Logprob, RequestOutput
 from rillm.sampling_params import MAX_LOGPROBS
 from rillm.server.errors import APIError
@@ -36,7 +36,7 @@ def sequence_count(prompt: Any, n: int) -> int:
     return len(prompt) * n
 
 
-async def _prompts(engine: AsyncEngine, prompt: Any, n: int) -> list[list[int]]:
+async def _prompts(engine: ServingEngine, prompt: Any, n: int) -> list[list[int]]:
     """The prompt's token ids, one list a prompt; how many sequences they start (times `n`)
     is checked before any of them is tokenized."""
     if isinstance(prompt, str):
@@ -53,7 +53,7 @@ async def _prompts(engine: AsyncEngine, prompt: Any, n: int) -> list[list[int]]:
     return [list(p) for p in prompt]
 
 
-async def create_completion(state: Any, engine: AsyncEngine, body: CompletionRequest,
+async def create_completion(state: Any, engine: ServingEngine, body: CompletionRequest,
                             request: Request) -> Response:
     state.check_model(body.model)
     if body.suffix is not None:

@@ -75,6 +75,11 @@ class ServerConfig:
     """hermes or llama3_json: how tool_choice "auto" finds calls in the model's output."""
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Passed to the chat template under each request's own chat_template_kwargs."""
+    data_parallel_size: int = 1
+    """Engine replicas; above 1 they run on Ray Serve (rillm.distributed.replicas)."""
+    ray_address: str | None = None
+    """An existing Ray cluster to run the replicas on; None: a local Ray instance (or the
+    cluster RAY_ADDRESS names)."""
 
     def __post_init__(self) -> None:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
@@ -97,5 +102,7 @@ class ServerConfig:
             raise ValueError("chat_template_timeout must be positive")
         if self.stream_resume_window < 0:
             raise ValueError("stream_resume_window must not be negative")
+        if self.data_parallel_size < 1:
+            raise ValueError("--data-parallel-size must be at least 1")
         if self.keepalive_interval <= 0:
             raise ValueError("keepalive_interval must be positive")

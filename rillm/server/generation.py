@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from rillm.engine.async_engine import AsyncEngine
+from rillm.engine.protocol import ServingEngine
 from rillm.outputs import CompletionOutput, Logprob, RequestOutput, merge_all
 from rillm.sampling_params import InvalidParameterError, SamplingParams
 from rillm.server.errors import APIError
@@ -42,7 +42,7 @@ class StreamPiece:
 
 
 class Generation:
-    def __init__(self, state: Any, engine: AsyncEngine, response_id: str, model: str,
+    def __init__(self, state: Any, engine: ServingEngine, response_id: str, model: str,
                  prompts: Sequence[Sequence[int]], params: SamplingParams,
                  max_tokens: Sequence[int], client_request_id: str | None = None) -> None:
         """`prompts`, each admitted with its resolved `max_tokens` (`admit`);
@@ -218,7 +218,7 @@ def _renumber(output: RequestOutput, offset: int) -> RequestOutput:
                          output.prompt, output.num_cached_tokens)
 
 
-async def admit(engine: AsyncEngine, prompts: Sequence[Sequence[int]], params: SamplingParams,
+async def admit(engine: ServingEngine, prompts: Sequence[Sequence[int]], params: SamplingParams,
                 names: Mapping[str, str] | None = None) -> list[int]:
     """The engine's admission checks of every prompt, once, before any byte of the response:
     each prompt's resolved max_tokens, or a 400 naming the request's parameter (`names`

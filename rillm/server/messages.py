@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from rillm.engine.async_engine import AsyncEngine
+from rillm.engine.protocol import ServingEngine
 from rillm.parsers.message import MessageDelta
 from rillm.server.chat import parsed_pieces, prepare_chat, render_chat
 from rillm.server.chat_output import ChatOutputPlan, template_kwargs
@@ -230,7 +230,7 @@ def _message(generation: Generation, content: list[dict[str, Any]], stop: str | 
             "stop_sequence": sequence, "usage": usage}
 
 
-async def create_message(state: Any, engine: AsyncEngine, body: MessagesRequest,
+async def create_message(state: Any, engine: ServingEngine, body: MessagesRequest,
                          request: Request) -> Response:
     generation, plan = await prepare_chat(state, engine, chat_request(body), "msg_",
                                           request, CHAT_PARAMS)
@@ -277,7 +277,7 @@ async def _stream(generation: Generation, plan: ChatOutputPlan, builder: Message
         yield event({"type": "error", "error": {"type": "api_error", "message": message}})
 
 
-async def count_tokens(state: Any, engine: AsyncEngine, body: CountTokensRequest
+async def count_tokens(state: Any, engine: ServingEngine, body: CountTokensRequest
                        ) -> dict[str, int]:
     """The prompt's length as /v1/messages would render it."""
     state.check_model(body.model)

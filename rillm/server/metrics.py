@@ -78,6 +78,42 @@ class EngineCollector(Collector):
                                           labels=["model_name"])
         preemptions.add_metric(model, stats.num_preemptions)
         yield preemptions
+        reports = getattr(state.engine, "replica_reports", None)
+        if reports is not None:
+            yield from _replica_metrics(state.engine, reports())
+
+
+def _replica_metrics(engine: Any, reports: dict[str, dict[str, Any]]
+                     ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Data parallelism: each replica's last load report (rillm.distributed.replicas)."""
+    yield GaugeMetricFamily("rillm:replicas", "Engine replicas serving", value=len(reports))
+    yield CounterMetricFamily("rillm:replica_deaths", "Engine replicas lost while serving "
+                              "(Ray Serve replaces them)", value=engine.board.deaths)
+    families = [
+        (GaugeMetricFamily, "rillm:replica_num_requests_running", "running", "Sequences in "
+         "the replica's running batch"),
+        (GaugeMetricFamily, "rillm:replica_num_requests_waiting", "waiting", "Sequences "
+         "waiting in the replica"),
+        (GaugeMetricFamily, "rillm:replica_kv_cache_blocks_in_use", None, "KV-cache blocks "
+         "held by requests on the replica"),
+        (CounterMetricFamily, "rillm:replica_requests", "requests", "Requests the replica "
+         "has started"),
+        (CounterMetricFamily, "rillm:replica_prefix_cache_queries", "prefix_query_tokens",
+         "Prompt tokens the replica looked up in its prefix cache"),
+        (CounterMetricFamily, "rillm:replica_prefix_cache_hits", "prefix_hit_tokens",
+         "Prompt tokens the replica found in its prefix cache"),
+        (GaugeMetricFamily, "rillm:replica_in_flight", "in_flight", "Requests the router "
+         "sent to the replica that have not ended"),
+        (GaugeMetricFamily, "rillm:replica_pid", "pid", "The replica's process id on its "
+         "node"),
+    ]
+    for kind, name, key, doc in families:
+        family = kind(name, doc, labels=["replica"])
+        for replica, report in sorted(reports.items()):
+            value = (report.get("num_blocks", 0) - report.get("free_blocks", 0) if key is None
+                     else report.get(key, 0))
+            family.add_metric([replica], float(value))
+        yield family
 
 
 class RequestMetricsRecorder:

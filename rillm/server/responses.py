@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from rillm.engine.async_engine import AsyncEngine
+from rillm.engine.protocol import ServingEngine
 from rillm.parsers.message import MessageDelta
 from rillm.server.chat import parsed_pieces, prepare_chat, reasoning_tokens
 from rillm.server.chat_output import ChatOutputPlan
@@ -300,7 +300,7 @@ def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-async def create_response(state: Any, engine: AsyncEngine, body: ResponsesRequest,
+async def create_response(state: Any, engine: ServingEngine, body: ResponsesRequest,
                           request: Request) -> Response:
     generation, plan = await prepare_chat(state, engine, chat_request(body), "resp_",
                                           request, CHAT_PARAMS)

@@ -4,6 +4,7 @@ progress bar, and one line on stdout once requests can be served."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 
@@ -13,6 +14,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from rillm.config import EngineConfig
 from rillm.engine.async_engine import AsyncEngine
+from rillm.engine.protocol import ServingEngine
 from rillm.server.app import ServerState, create_app
 from rillm.server.config import ServerConfig
 from rillm.server.connections import MAX_HEADER_BYTES, guarded_protocol
@@ -32,6 +34,12 @@ def serve(engine_config: EngineConfig, config: ServerConfig, started: float) -> 
 
     def ready() -> None:
         progress.stop()
+        if config.data_parallel_size > 1:
+            # Ray's core worker took SIGTERM and SIGINT when it started (in the loading
+            # thread); uvicorn gets them back, so that a stop shuts the replicas and the local
+            # Ray processes down instead of leaving them behind. This runs on the main thread.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.getsignal(sig))
         if state.engine is not None:
             print(f"rillm: kernels: {state.engine.kernels.describe()}", flush=True)
         print(f"rillm: serving {config.served_model_names[0]} at "
@@ -45,8 +53,13 @@ def serve(engine_config: EngineConfig, config: ServerConfig, started: float) -> 
         if server is not None:
             server.should_exit = True
 
-    def load() -> AsyncEngine:
+    def load() -> ServingEngine:
         progress.update(task, description=config.served_model_names[0])
+        if config.data_parallel_size > 1:
+            from rillm.distributed.replicas import ReplicatedEngine
+
+            return ReplicatedEngine.start(engine_config, config.data_parallel_size,
+                                          config.ray_address)
         return AsyncEngine.from_config(engine_config)
 
     state.on_ready, state.on_failure = ready, failure

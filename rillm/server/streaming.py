@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rillm.engine.async_engine import AsyncEngine
+from rillm.engine.protocol import ServingEngine
 from rillm.outputs import CompletionOutput, Logprob, RequestOutput
 from rillm.sampling_params import SamplingParams
 
 
 async def engine_events(
-    engine: AsyncEngine,
+    engine: ServingEngine,
     prompt_ids: Sequence[int],
     params: SamplingParams,
     max_tokens: int,
