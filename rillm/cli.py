@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N",
                        help="engine replicas on Ray Serve, each with its share of the cores "
                        "(needs pip install 'rillm[ray]'; docs/ray.md)")
+    serve.add_argument("--routing-policy", default="prefix", choices=["prefix", "least-loaded"],
+                       help="with --data-parallel-size: send a prompt to the replica holding "
+                       "its prefix (default, within a balance threshold) or to the least loaded")
     serve.add_argument("--ray-address", default=None, metavar="ADDRESS",
                        help="run the replicas on this Ray cluster (default: a local Ray "
                        "instance, or the cluster RAY_ADDRESS names)")
@@ -375,6 +378,7 @@ def run_serve(args: argparse.Namespace) -> int:
             default_chat_template_kwargs=template_kwargs,
             data_parallel_size=args.data_parallel_size,
             ray_address=args.ray_address,
+            routing_policy=args.routing_policy,
         )
         if server_config.data_parallel_size > 1 and importlib.util.find_spec("ray") is None:
             raise ValueError("--data-parallel-size needs Ray: pip install 'rillm[ray]'")

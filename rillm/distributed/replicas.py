@@ -41,7 +41,7 @@ from ray.serve.request_router import RunningReplica
 
 from rillm.config import EngineConfig
 from rillm.core.block_manager import prefix_block_hashes
-from rillm.distributed.routing import PrefixAffinityPolicy, ReplicaLoad
+from rillm.distributed.routing import DEFAULT_BALANCE_THRESHOLD, PrefixAffinityPolicy, ReplicaLoad
 from rillm.engine.async_engine import AsyncEngine, EngineDeadError, EngineStats
 from rillm.kernels.plan import KernelPlan
 from rillm.outputs import RequestOutput
@@ -123,8 +123,8 @@ class ReplicaBoard:
     loop), the server reads (/metrics, /health, stats()). One per process and deployment;
     the router finds it by the deployment's name."""
 
-    def __init__(self, balance_threshold: int) -> None:
-        self.policy = PrefixAffinityPolicy(balance_threshold)
+    def __init__(self, balance_threshold: int, prefix_aware: bool = True) -> None:
+        self.policy = PrefixAffinityPolicy(balance_threshold, prefix_aware)
         self._lock = threading.Lock()
         self._replicas: dict[Any, RunningReplica] = {}
         self._in_flight: dict[Any, int] = {}
@@ -223,7 +223,7 @@ class ReplicatedEngine:
 
     @classmethod
     def start(cls, config: EngineConfig, num_replicas: int, ray_address: str | None = None,
-              balance_threshold: int | None = None) -> ReplicatedEngine:
+              routing_policy: str = "prefix") -> ReplicatedEngine:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         started_ray = not ray.is_initialized() and ray_address is None
@@ -238,7 +238,7 @@ class ReplicatedEngine:
         replica_config = replace(config, num_threads=threads)
         board_name = f"{APP_NAME}/{DEPLOYMENT_NAME}"
         board = BOARDS.setdefault(board_name, ReplicaBoard(
-            balance_threshold if balance_threshold is not None else 4))
+            DEFAULT_BALANCE_THRESHOLD, prefix_aware=routing_policy == "prefix"))
         serve.start(http_options={"location": "NoServer"})
         router: dict[str, Any] = {
             "request_router_class": "rillm.distributed.router:PrefixAwareRequestRouter",

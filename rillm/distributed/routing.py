@@ -36,11 +36,17 @@ class ReplicaLoad:
     """KV-cache blocks the replica has (0: not reported yet)."""
 
 
+POLICIES = ("prefix", "least-loaded")
+
+
 class PrefixAffinityPolicy:
-    def __init__(self, balance_threshold: int = DEFAULT_BALANCE_THRESHOLD) -> None:
+    def __init__(self, balance_threshold: int = DEFAULT_BALANCE_THRESHOLD,
+                 prefix_aware: bool = True) -> None:
+        """`prefix_aware=False`: load alone decides (the baseline the benchmark compares)."""
         if balance_threshold < 0:
             raise ValueError("balance_threshold must be >= 0")
         self.balance_threshold = balance_threshold
+        self.prefix_aware = prefix_aware
         self._blocks: dict[Hashable, OrderedDict[int, None]] = {}
         self._turn = 0
 
@@ -57,7 +63,7 @@ class PrefixAffinityPolicy:
                                                   turns[r]))
         least = loads[by_load[0]].in_flight
         best, best_match = by_load[0], 0
-        for replica in by_load:
+        for replica in by_load if self.prefix_aware else ():
             if loads[replica].in_flight - least > self.balance_threshold:
                 break  # by_load is sorted: every later one is busier still
             match = self.matched_blocks(replica, block_hashes)

@@ -77,6 +77,9 @@ class ServerConfig:
     """Passed to the chat template under each request's own chat_template_kwargs."""
     data_parallel_size: int = 1
     """Engine replicas; above 1 they run on Ray Serve (rillm.distributed.replicas)."""
+    routing_policy: str = "prefix"
+    """How the replicas share requests: prefix (a prompt goes where its prefix is cached,
+    within the balance threshold) or least-loaded."""
     ray_address: str | None = None
     """An existing Ray cluster to run the replicas on; None: a local Ray instance (or the
     cluster RAY_ADDRESS names)."""
@@ -102,6 +105,8 @@ class ServerConfig:
             raise ValueError("chat_template_timeout must be positive")
         if self.stream_resume_window < 0:
             raise ValueError("stream_resume_window must not be negative")
+        if self.routing_policy not in ("prefix", "least-loaded"):
+            raise ValueError("--routing-policy must be prefix or least-loaded")
         if self.data_parallel_size < 1:
             raise ValueError("--data-parallel-size must be at least 1")
         if self.keepalive_interval <= 0:

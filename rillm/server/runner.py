@@ -59,7 +59,7 @@ def serve(engine_config: EngineConfig, config: ServerConfig, started: float) -> 
             from rillm.distributed.replicas import ReplicatedEngine
 
             return ReplicatedEngine.start(engine_config, config.data_parallel_size,
-                                          config.ray_address)
+                                          config.ray_address, config.routing_policy)
         return AsyncEngine.from_config(engine_config)
 
     state.on_ready, state.on_failure = ready, failure

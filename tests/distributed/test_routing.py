@@ -101,3 +101,10 @@ def test_a_forgotten_replica_has_no_affinity():
     assert policy.rank([], {}) == []
     with pytest.raises(ValueError):
         PrefixAffinityPolicy(balance_threshold=-1)
+
+
+def test_least_loaded_ignores_prefixes():
+    policy = PrefixAffinityPolicy(prefix_aware=False)
+    policy.routed("a", hashes(SYSTEM))
+    loads = {"a": ReplicaLoad(in_flight=1), "b": ReplicaLoad(in_flight=0)}
+    assert policy.rank(hashes(SYSTEM + [5]), loads) == ["b", "a"]
