@@ -24,9 +24,11 @@ Ray is an optional extra (`pip install 'rillm[ray]'`); nothing imports this modu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -49,7 +51,9 @@ from rillm.sampling_params import InvalidParameterError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-APP_NAME = "rillm"
+APP_PREFIX = "rillm"
+"""Each server's Ray Serve application is `rillm-<8 hex>`: several servers may share a cluster,
+each with its own replicas."""
 DEPLOYMENT_NAME = "rillm-engine"
 STATS_PERIOD_S = 0.5
 """How often Ray Serve asks each replica for its load (record_routing_stats)."""
@@ -86,14 +90,22 @@ class EngineReplica:
         return ReplicaInfo(e.tokenizer, e.chat_template, e.max_model_len, e.vocab_size,
                            e.max_num_seqs, e.engine.config.block_size, e.kernels)
 
-    async def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+    async def validate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       compile_timeout: float) -> int:
+        self.engine.grammar_compile_timeout = compile_timeout
         return await self.engine.validate(prompt_token_ids, params)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, prompt: str | None, max_tokens: int | None,
-                       prefix_hashes: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+                       compile_timeout: float, prefix_hashes: Sequence[int] = ()
+                       ) -> AsyncIterator[RequestOutput]:
         """`prefix_hashes` is for the router only (it reads them off the pending request)."""
         self.requests_started += 1
+        if params.structured_outputs is not None:
+            # The server validated on some replica, maybe not this one: compile the grammar
+            # here too, off the engine's loop and within the timeout (a cache hit otherwise),
+            # so that the engine never compiles it in the middle of a step.
+            await self.validate(prompt_token_ids, params, compile_timeout)
         # Cancelling this generator (the client went away) aborts the request in the engine.
         async for output in self.engine.generate(prompt_token_ids, params, request_id, prompt,
                                                  max_tokens):
@@ -206,8 +218,9 @@ class ReplicatedEngine:
     """The server's engine when there are several: `AsyncEngine`'s interface over Ray Serve."""
 
     def __init__(self, handle: Any, info: ReplicaInfo, board: ReplicaBoard, num_replicas: int,
-                 started_ray: bool) -> None:
+                 started_ray: bool, app_name: str) -> None:
         self.handle = handle
+        self.app_name = app_name
         self.info = info
         self.board = board
         self.num_replicas = num_replicas
@@ -226,39 +239,42 @@ class ReplicatedEngine:
               routing_policy: str = "prefix") -> ReplicatedEngine:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-        started_ray = not ray.is_initialized() and ray_address is None
-        if not ray.is_initialized():
-            cores = len(os.sched_getaffinity(0))
-            ray.init(address=ray_address, namespace="rillm", include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=False,
-                     num_cpus=None if ray_address else max(cores, num_replicas),
-                     configure_logging=False)
+        # No address: a Ray instance of our own ("local"), not whatever cluster ray.init would
+        # find by itself; RAY_ADDRESS still names one to join.
+        address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        started_ray = not ray.is_initialized() and address == "local"
         cores = len(os.sched_getaffinity(0))
         threads = config.num_threads or max(1, cores // num_replicas)
+        if not ray.is_initialized():
+            ray.init(address=address, namespace="rillm", include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=False,
+                     num_cpus=max(cores, num_replicas * threads) if started_ray else None,
+                     configure_logging=False)
         replica_config = replace(config, num_threads=threads)
-        board_name = f"{APP_NAME}/{DEPLOYMENT_NAME}"
-        board = BOARDS.setdefault(board_name, ReplicaBoard(
+        app_name = f"{APP_PREFIX}-{uuid.uuid4().hex[:8]}"
+        board = BOARDS.setdefault(app_name, ReplicaBoard(
             DEFAULT_BALANCE_THRESHOLD, prefix_aware=routing_policy == "prefix"))
         serve.start(http_options={"location": "NoServer"})
         router: dict[str, Any] = {
             "request_router_class": "rillm.distributed.router:PrefixAwareRequestRouter",
-            "request_router_kwargs": {"board": board_name},
+            "request_router_kwargs": {"board": app_name},
             "request_routing_stats_period_s": STATS_PERIOD_S,
             "request_routing_stats_timeout_s": 5,
         }
         deployment: Any = serve.deployment(EngineReplica)
         deployment = deployment.options(
             name=DEPLOYMENT_NAME, num_replicas=num_replicas,
-            ray_actor_options={"num_cpus": threads},
+            ray_actor_options={"num_cpus": threads,
+                               "num_gpus": 1 if config.device.startswith("cuda") else 0},
             max_ongoing_requests=MAX_ONGOING_PER_REPLICA,
             health_check_period_s=2, health_check_timeout_s=30,
             graceful_shutdown_timeout_s=5,
             request_router_config=RequestRouterConfig(**router),
         )
-        handle = serve.run(deployment.bind(replica_config), name=APP_NAME, route_prefix=None,
+        handle = serve.run(deployment.bind(replica_config), name=app_name, route_prefix=None,
                            blocking=False)
         info = handle.info.remote().result(timeout_s=600)
-        return cls(handle, info, board, num_replicas, started_ray)
+        return cls(handle, info, board, num_replicas, started_ray, app_name)
 
     # -- what the server may know: AsyncEngine's read-only facts ------------------------------
 
@@ -286,19 +302,22 @@ class ReplicatedEngine:
     @property
     def max_num_seqs(self) -> int:
         """All replicas together: what the server's queue bound is measured against."""
-        return self.info.max_num_seqs * self.num_replicas
+        live = len(self.board.reports()) or self.num_replicas
+        return self.info.max_num_seqs * live
 
     @property
     def kernels(self) -> KernelPlan:
         return self.info.kernels
 
     def stats(self) -> EngineStats:
-        reports = self.board.reports().values()
+        reports = [r for r in self.board.reports().values() if r.get("num_blocks")]
+        if not reports:  # nothing reported yet: nothing in use (not a full cache)
+            return EngineStats(0, 0, 1, 1, 0)
         return EngineStats(
             num_running=sum(int(r.get("running", 0)) for r in reports),
             num_waiting=sum(int(r.get("waiting", 0)) for r in reports),
             num_free_blocks=sum(int(r.get("free_blocks", 0)) for r in reports),
-            num_blocks=max(1, sum(int(r.get("num_blocks", 0)) for r in reports)),
+            num_blocks=sum(int(r.get("num_blocks", 0)) for r in reports),
             num_preemptions=sum(int(r.get("preemptions", 0)) for r in reports))
 
     def replica_reports(self) -> dict[str, dict[str, Any]]:
@@ -309,7 +328,8 @@ class ReplicatedEngine:
     async def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> int:
         """On any replica (they are alike); its InvalidParameterError is raised here."""
         try:
-            return await self.handle.validate.remote(list(prompt_token_ids), params)
+            return await self.handle.validate.remote(list(prompt_token_ids), params,
+                                                     self.grammar_compile_timeout)
         except RayTaskError as exc:
             raise _cause(exc) from None
 
@@ -321,7 +341,8 @@ class ReplicatedEngine:
         ids = list(prompt_token_ids)
         hashes = prefix_block_hashes(ids, self.info.block_size)
         stream = self.handle.options(stream=True).generate.remote(
-            ids, params, request_id, prompt, max_tokens, prefix_hashes=hashes)
+            ids, params, request_id, prompt, max_tokens, self.grammar_compile_timeout,
+            prefix_hashes=hashes)
         self._streams[request_id] = stream
         finished = False
         try:
@@ -329,6 +350,9 @@ class ReplicatedEngine:
                 finished = output.finished
                 yield output
         except RequestCancelledError:
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)  # 3.11+
+            if cancelling is not None and cancelling():
+                raise asyncio.CancelledError from None  # as AsyncEngine: the cancel goes on
             return  # abort() was called: the consumer no longer wants it
         except RayTaskError as exc:
             raise _cause(exc) from None
@@ -348,7 +372,7 @@ class ReplicatedEngine:
     def shutdown(self) -> None:
         self._stopped = True
         try:
-            serve.delete(APP_NAME)
+            serve.delete(self.app_name)
             if self._started_ray:
                 serve.shutdown()
                 ray.shutdown()

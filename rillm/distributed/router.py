@@ -31,6 +31,10 @@ class PrefixAwareRequestRouter(RequestRouter):
                               pending_request: PendingRequest | None = None,
                               ) -> list[list[RunningReplica]]:
         hashes = _prefix_hashes(pending_request)
+        # A replica whose engine loop died stays up until its health checks fail: not while
+        # another can serve.
+        alive = [r for r in candidate_replicas if (r.routing_stats or {}).get("alive", True)]
+        candidate_replicas = alive or candidate_replicas
         by_id: dict[Any, RunningReplica] = {r.replica_id: r for r in candidate_replicas}
         ranked = self.board.policy.rank(hashes, self.board.loads(candidate_replicas))
         request_id = _request_id(pending_request)
@@ -64,7 +68,9 @@ def _prefix_hashes(pending_request: PendingRequest | None) -> list[int]:
 
 
 def _request_id(pending_request: PendingRequest | None) -> str | None:
-    """The engine's request id: EngineReplica.generate's third argument."""
-    if pending_request is None or len(pending_request.args) < 3:
+    """The engine's request id: EngineReplica.generate's third argument (other calls, such as
+    validate, are not requests the board counts)."""
+    if (pending_request is None or len(pending_request.args) < 3
+            or getattr(pending_request.metadata, "call_method", None) != "generate"):
         return None
     return str(pending_request.args[2])

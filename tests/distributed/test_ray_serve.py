@@ -56,6 +56,13 @@ def served_by(server: Server, before: dict[str, float], count: int) -> dict[str,
     return delta()
 
 
+def deaths(server: Server) -> float:
+    for line in httpx.get(f"{server.base_url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("rillm:replica_deaths_total "):
+            return float(line.rpartition(" ")[2])
+    raise AssertionError("no rillm:replica_deaths_total in /metrics")
+
+
 def idle(server: Server) -> bool:
     in_use = replica_values(server, "rillm:replica_kv_cache_blocks_in_use")
     running = replica_values(server, "rillm:replica_num_requests_running")
@@ -92,21 +99,18 @@ def test_concurrent_streams_reach_both_replicas(server):
 
 
 def test_a_shared_prefix_goes_to_the_replica_that_holds_it(server):
+    # Routed by load alone, each second question would find its document cached with
+    # probability 1/2; all three finding it, 1/8.
     client = OpenAI(api_key="EMPTY", base_url=server.v1)
     for document in range(3):
         # About 150 tokens shared by both questions: the first 64 and more are full blocks.
         system = (f"You answer questions about document {document}. It lists the numbers "
                   + ", ".join(str(document * 1000 + i) for i in range(60)) + ".")
-        chosen = []
         for question in ("Which number comes first?", "Which number comes last?"):
-            before = replica_values(server, "rillm:replica_requests_total")
             reply = client.chat.completions.create(
                 model="SmolLM2-135M-Instruct", max_tokens=4, temperature=0,
                 messages=[{"role": "system", "content": system},
                           {"role": "user", "content": question}])
-            served = served_by(server, before, 1)
-            chosen.append(max(served, key=served.__getitem__))
-        assert chosen[0] == chosen[1], f"document {document}: replicas {chosen}"
         cached = reply.usage.prompt_tokens_details.cached_tokens
         assert cached >= 64, f"document {document}: {cached} prompt tokens from the cache"
 
@@ -119,14 +123,17 @@ def test_a_disconnect_storm_leaves_no_blocks_on_any_replica(server):
     async def hang_up(client: httpx.AsyncClient) -> None:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             async for line in response.aiter_lines():
-                if line.startswith("data: ") and '"content":"' in line:
+                if line.startswith("data: ") and '"content":"' in line \
+                        and '"content":""' not in line:
                     break  # the answer is streaming; the client goes away
 
     async def storm() -> None:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
             await asyncio.gather(*(hang_up(client) for _ in range(16)))
 
+    before = replica_values(server, "rillm:replica_requests_total")
     asyncio.run(storm())
+    served_by(server, before, 16)  # every request reached a replica before its client left
     wait_for(lambda: idle(server), "no KV block in use and nothing running on every replica")
 
 
@@ -163,8 +170,7 @@ def test_a_dead_replica_fails_only_its_own_requests(server):
     finished = [t for t in results if '"finish_reason":"length"' in t]
     assert len(failed) == 1 and len(finished) == 1, results
     assert failed[0].rstrip().endswith("data: [DONE]")  # the stream ended in order
-    wait_for(lambda: "rillm:replica_deaths_total 1.0" in httpx.get(
-        f"{server.base_url}/metrics", timeout=5).text, "the death reported in /metrics")
+    wait_for(lambda: deaths(server) >= 1, "the death reported in /metrics")
     # The server goes on: new requests are served (by the survivor, or the replacement).
     reply = OpenAI(api_key="EMPTY", base_url=server.v1).chat.completions.create(
         model="SmolLM2-135M-Instruct", max_tokens=4,
