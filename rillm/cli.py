@@ -222,6 +222,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "GGUF's blocks (Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K) as they are; none: "
                         "dequantize them (the exact, "
                         "batch-invariant reference)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                        help="split the model over N processes (torch.distributed: gloo on the "
+                        "CPU, nccl on CUDA); Llama-family models")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads for the model's steps (default: all cores)")
     parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
@@ -246,6 +249,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         quantization=args.quantization,
         num_threads=args.num_threads,
         cpu_kernels=args.cpu_kernels,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

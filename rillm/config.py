@@ -55,8 +55,13 @@ class EngineConfig:
     blocking, so a request's greedy tokens can differ alone and in a batch; "none" is the
     exact, batch-invariant reference path."""
 
+    tensor_parallel_size: int = 1
+    """Processes the model is split over (rillm/engine/tensor_parallel.py): each holds its
+    share of the attention heads and of the MLP; 1: no split."""
+
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -103,7 +103,8 @@ def reasoning_server() -> Iterator[Server]:
 
 
 _SERVER_FIXTURES = {"server", "guarded_server", "reasoning_server"}
-_SERVER_DIRS = ("tests/server/", "tests/client/", "tests/bench/", "tests/distributed/test_ray")
+_SERVER_DIRS = ("tests/server/", "tests/client/", "tests/bench/", "tests/distributed/test_ray",
+                "tests/distributed/test_tensor_parallel_serve.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -274,6 +274,8 @@ class AsyncEngine:
             self._fail_inbox(dead)
             if self.on_death is not None:
                 self.on_death(exc)
+        finally:
+            self.engine.close()
 
     def _drain_inbox(self, block: bool) -> None:
         while True:

@@ -28,10 +28,12 @@ from rillm.core.request import Request, RequestStatus
 from rillm.core.scheduler import Scheduler, SchedulerConfig
 from rillm.engine.detokenizer import IncrementalDetokenizer
 from rillm.engine.grammar import GrammarCompiler
+from rillm.engine.tensor_parallel import TensorParallelGroup
 from rillm.kernels.plan import KernelPlan, resolve_kernels
 from rillm.loader import LoadedModel, load_model
 from rillm.loader.gguf_blocks import SUPPORTED_TYPES
-from rillm.model.builder import build_model
+from rillm.model.builder import CausalLM, build_model
+from rillm.model.parallel import WHOLE, Shard
 from rillm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from rillm.sampling_params import InvalidParameterError, SamplingParams
 from rillm.worker.model_runner import ModelRunner
@@ -75,31 +77,65 @@ class _Parent:
                               self.last_token - self.arrived, tuple(self.gaps))
 
 
+@dataclass
+class EngineModel:
+    """What `build_for_engine` builds: one rank's model and how it runs."""
+
+    model: CausalLM
+    attention: PagedAttention
+    plan: KernelPlan
+    dtype: torch.dtype
+    device: torch.device
+    num_kv_heads: int
+    """KV heads this rank's cache holds (all of them without tensor parallelism)."""
+
+
+def engine_threads(config: EngineConfig) -> int:
+    """Torch threads of one rank: every core, shared by the tensor-parallel ranks."""
+    return config.num_threads or max(1, available_cores() // config.tensor_parallel_size)
+
+
+def build_for_engine(config: EngineConfig, loaded: LoadedModel, shard: Shard = WHOLE
+                     ) -> EngineModel:
+    """The model for `config` from a loaded checkpoint: dtype, kernels, attention backends,
+    and the rank `shard` of it. Every tensor-parallel rank builds its own the same way."""
+    device = torch.device(config.device)
+    quantized = loaded.quantized if config.keep_gguf_quantization else {}
+    if config.quantization == "gguf" and not quantized:
+        raise ValueError("quantization gguf needs a GGUF file with matrices in a block format "
+                         f"rillm keeps ({', '.join(SUPPORTED_TYPES)}); "
+                         f"{loaded.path} has none")
+    dtype = config.model_dtype(bool(quantized))
+    arch = loaded.config
+    plan = resolve_kernels(device, dtype, arch.head_dim, bool(quantized), config.cpu_kernels,
+                           fusable_layers=not (arch.qk_norm or arch.attention_bias
+                                               or arch.architecture == "gemma3"
+                                               or shard.parallel))
+    attention = PagedAttention.for_plan(plan, config.block_size, dtype, device,
+                                        arch.sliding_window)
+    model = build_model(arch, loaded.weights, dtype, device, plan, attention, quantized, shard)
+    (_, _), (k0, k1) = (shard.heads(arch.num_attention_heads, arch.num_key_value_heads)
+                        if shard.parallel else ((0, 0), (0, arch.num_key_value_heads)))
+    return EngineModel(model, attention, plan, dtype, device, k1 - k0)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        threads = config.num_threads or available_cores()
+        threads = engine_threads(config)
         torch.set_num_threads(threads)  # loading runs on them too
+        world = config.tensor_parallel_size
+        self.group: TensorParallelGroup | None = None
+        if world > 1:  # the other ranks load and build while this one does
+            self.group = TensorParallelGroup(config, world)
         loaded = loaded if loaded is not None else load_model(config.model)
         self.model_path = loaded.path
         self.model_config: ModelArchConfig = loaded.config
         self.tokenizer = loaded.tokenizer
         self.chat_template = loaded.chat_template
-        device = torch.device(config.device)
-        quantized = loaded.quantized if config.keep_gguf_quantization else {}
-        if config.quantization == "gguf" and not quantized:
-            raise ValueError("quantization gguf needs a GGUF file with matrices in a block format "
-                             f"rillm keeps ({', '.join(SUPPORTED_TYPES)}); "
-                             f"{loaded.path} has none")
-        self.dtype = config.model_dtype(bool(quantized))
-        arch = loaded.config
-        plan = resolve_kernels(device, self.dtype, arch.head_dim, bool(quantized),
-                               config.cpu_kernels,
-                               fusable_layers=not (arch.qk_norm or arch.attention_bias
-                                                   or arch.architecture == "gemma3"))
-        attention = PagedAttention.for_plan(plan, config.block_size, self.dtype, device,
-                                            arch.sliding_window)
-        model = build_model(arch, loaded.weights, self.dtype, device, plan, attention, quantized)
+        built = build_for_engine(config, loaded, Shard(0, world))
+        model, attention, plan = built.model, built.attention, built.plan
+        device, self.dtype = built.device, built.dtype
         self.kernels: KernelPlan = replace(plan,
                                            fused_decode=model.model.fused_decode is not None)
         """What this engine runs (logged once, at start-up)."""
@@ -121,9 +157,11 @@ class LLMEngine:
             ),
             self.block_manager,
         )
+        if self.group is not None:
+            self.group.setup(num_blocks)
         self.runner = ModelRunner(
             model, attention, loaded.config, num_blocks, config.block_size, self.dtype, device,
-            threads, plan.argmax,
+            threads, plan.argmax, num_kv_heads=built.num_kv_heads, group=self.group,
         )
         self.grammars = GrammarCompiler(
             self.tokenizer, loaded.config.vocab_size, loaded.config.eos_token_ids
@@ -215,6 +253,11 @@ class LLMEngine:
             self.scheduler.finish(parent.choices, RequestStatus.FINISHED_ABORTED)
             for choice_id in parent.choices:
                 self._choice_parent.pop(choice_id, None)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; also done at exit)."""
+        if self.group is not None:
+            self.group.close()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)

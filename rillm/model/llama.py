@@ -22,6 +22,7 @@ from rillm.attention import Attention, AttentionMetadata, KVCache, PagedAttentio
 from rillm.kernels.plan import KernelPlan
 from rillm.model.checkpoint import Checkpoint
 from rillm.model.fused_decode import FusedDecode, FusedLayerWeights
+from rillm.model.parallel import all_reduce
 from rillm.model.rotary import RotaryEmbedding
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -50,13 +51,24 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelArchConfig, prefix: str, checkpoint: Checkpoint,
                  plan: KernelPlan, attention: PagedAttention) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        self.sizes = (self.num_heads * self.head_dim, kv_size, kv_size)
-        self.qkv_proj = checkpoint.linear(f"{prefix}.qkv_proj")
-        self.o_proj = checkpoint.linear(f"{prefix}.o_proj")
+        self.shard = shard = checkpoint.shard
+        self.head_dim = d = config.head_dim
+        if shard.parallel:  # this rank's heads (tensor parallelism: rillm/model/parallel.py)
+            (q0, q1), (k0, k1) = shard.heads(config.num_attention_heads,
+                                             config.num_key_value_heads)
+            self.num_heads, self.num_kv_heads = q1 - q0, k1 - k0
+            q_rows, kv_rows = (q0 * d, q1 * d), (k0 * d, k1 * d)
+            self.qkv_proj = checkpoint.linear(f"{prefix}.qkv_proj",
+                                              rows=[q_rows, kv_rows, kv_rows])
+            self.o_proj = checkpoint.linear(f"{prefix}.o_proj", cols=q_rows)
+        else:
+            self.num_heads = config.num_attention_heads
+            self.num_kv_heads = config.num_key_value_heads
+            self.qkv_proj = checkpoint.linear(f"{prefix}.qkv_proj")
+            self.o_proj = checkpoint.linear(f"{prefix}.o_proj")
+        kv_size = self.num_kv_heads * d
+        self.sizes = (self.num_heads * d, kv_size, kv_size)
+        """The q, k, v widths of qkv_proj's output (this rank's)."""
         self.q_norm = self.k_norm = None
         if config.qk_norm:
             eps, fused = config.rms_norm_eps, plan.fused_norm
@@ -73,14 +85,21 @@ class LlamaAttention(nn.Module):
         q, k, v = qkv[:, : self.num_heads], qkv[:, self.num_heads : heads], qkv[:, heads:]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(q, k, v, rope, cache, metadata))
+        return all_reduce(self.o_proj(self.attn(q, k, v, rope, cache, metadata)), self.shard)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, prefix: str, checkpoint: Checkpoint, plan: KernelPlan) -> None:
+    def __init__(self, prefix: str, checkpoint: Checkpoint, plan: KernelPlan,
+                 intermediate_size: int) -> None:
         super().__init__()
-        self.gate_up_proj = checkpoint.linear(f"{prefix}.gate_up_proj")
-        self.down_proj = checkpoint.linear(f"{prefix}.down_proj")
+        self.shard = shard = checkpoint.shard
+        if shard.parallel:  # this rank's slice of the MLP
+            part = shard.split(intermediate_size)
+            self.gate_up_proj = checkpoint.linear(f"{prefix}.gate_up_proj", rows=[part, part])
+            self.down_proj = checkpoint.linear(f"{prefix}.down_proj", cols=part)
+        else:
+            self.gate_up_proj = checkpoint.linear(f"{prefix}.gate_up_proj")
+            self.down_proj = checkpoint.linear(f"{prefix}.down_proj")
         self.fused = plan.fused_norm
         """rillm's C++ `silu_mul`: SiLU(gate) * up in one pass and one rounding, for bfloat16
         activations (decode_layer uses it too)."""
@@ -88,9 +107,9 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.fused and gate_up.dtype == torch.bfloat16 and gate_up.dim() == 2:
-            return self.down_proj(torch.ops.rillm.silu_mul(gate_up))
+            return all_reduce(self.down_proj(torch.ops.rillm.silu_mul(gate_up)), self.shard)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return all_reduce(self.down_proj(F.silu(gate) * up), self.shard)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -105,7 +124,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(
             checkpoint.tensor(f"{prefix}.post_attention_layernorm.weight"), eps,
             plan.fused_norm)
-        self.mlp = LlamaMLP(f"{prefix}.mlp", checkpoint, plan)
+        self.mlp = LlamaMLP(f"{prefix}.mlp", checkpoint, plan, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -141,8 +160,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(checkpoint.tensor("model.norm.weight"), config.rms_norm_eps,
                             plan.fused_norm)
         self.rotary_emb = RotaryEmbedding(config, checkpoint.device)
-        self.fused_decode = _fused_decode(self.layers, config) if plan.fused_decode else None
-        """Decode-only steps run each layer as one C++ op (fused_decode.py)."""
+        self.fused_decode = (_fused_decode(self.layers, config)
+                             if plan.fused_decode and not checkpoint.shard.parallel else None)
+        """Decode-only steps run each layer as one C++ op (fused_decode.py; not under tensor
+        parallelism: it has no all-reduce between its matmuls)."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 caches: Sequence[KVCache], metadata: AttentionMetadata) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from rillm.arch_config import ModelArchConfig
 from rillm.attention import AttentionMetadata, KVCache, PagedAttention, SequenceGroup
 from rillm.core.scheduler import ScheduledRequest
+from rillm.engine.tensor_parallel import StepInputs, TensorParallelGroup
 from rillm.model.builder import CausalLM
 from rillm.outputs import Logprob
 from rillm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, bitmask_words
@@ -40,21 +41,26 @@ class ModelRunner:
         device: torch.device,
         threads: int | None = None,
         argmax_kernel: bool = False,
+        num_kv_heads: int | None = None,
+        group: TensorParallelGroup | None = None,
     ) -> None:
         """`attention`: the backends the model was built with. `threads`: torch threads for
         the steps, set in the thread that runs them (None: whatever that thread has).
-        `argmax_kernel`: the sampler's argmax on rillm's C++ kernel (KernelPlan.argmax)."""
+        `argmax_kernel`: the sampler's argmax on rillm's C++ kernel (KernelPlan.argmax).
+        Tensor parallelism: `num_kv_heads`, the KV heads of this rank's cache; `group`, on
+        rank 0, the other ranks, told each step's inputs before the model runs."""
         self.model = model
         self.attention = attention
         self.config = config
         self.block_size = block_size
         self.device = device
         self.eos_token_ids = config.eos_token_ids
+        kv_heads = num_kv_heads if num_kv_heads is not None else config.num_key_value_heads
         self.caches = [
-            KVCache(num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype,
-                    device)
+            KVCache(num_blocks, block_size, kv_heads, config.head_dim, dtype, device)
             for _ in range(config.num_hidden_layers)
         ]
+        self.group = group
         self.sampler = Sampler(argmax_kernel)
         self.threads = threads
 
@@ -66,10 +72,23 @@ class ModelRunner:
         of the last token of each request that samples, or of every token if `all_tokens`."""
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # a server steps in its own thread
-        input_ids, positions, metadata, logits_indices = self._prepare(scheduled)
+        step = self.step_inputs(scheduled)
+        if self.group is not None:
+            self.group.broadcast(step)
+        input_ids, positions, metadata, logits_indices = self._prepare(step)
         if all_tokens:
             logits_indices = torch.arange(input_ids.shape[0], device=self.device)
         return self.model(input_ids, positions, self.caches, metadata, logits_indices)
+
+    @torch.inference_mode()
+    def run_step(self, step: StepInputs) -> None:
+        """A tensor-parallel rank other than 0: the step rank 0 scheduled, into this rank's
+        cache; no logits (rank 0 samples)."""
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        input_ids, positions, metadata, _ = self._prepare(step)
+        none = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.model(input_ids, positions, self.caches, metadata, none)
 
     @torch.inference_mode()
     def execute(self, scheduled: Sequence[ScheduledRequest]) -> RunnerOutput:
@@ -110,25 +129,34 @@ class ModelRunner:
             constraint.fill_bitmask(bitmask, row)
         return bitmask
 
-    def _prepare(
-        self, scheduled: Sequence[ScheduledRequest]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        device = self.device
+    @staticmethod
+    def step_inputs(scheduled: Sequence[ScheduledRequest]) -> StepInputs:
+        """What the step's tensors are built from, as plain lists (tensor parallelism sends
+        them to the other ranks)."""
         ids: list[int] = []
         for s in scheduled:
             ids.extend(s.request.all_token_ids[s.start : s.start + s.num_new_tokens])
-        num_new = torch.tensor([s.num_new_tokens for s in scheduled], dtype=torch.int64)
-        starts = torch.tensor([s.start for s in scheduled], dtype=torch.int64)
+        return StepInputs(ids, [s.num_new_tokens for s in scheduled],
+                          [s.start for s in scheduled],
+                          [list(s.request.block_ids) for s in scheduled],
+                          [s.samples for s in scheduled])
+
+    def _prepare(
+        self, step: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        device = self.device
+        ids = step.token_ids
+        num_new = torch.tensor(step.num_new, dtype=torch.int64)
+        starts = torch.tensor(step.starts, dtype=torch.int64)
         ends = torch.cumsum(num_new, 0)
         offsets = ends - num_new  # where each request's tokens begin in the flat batch
         num_tokens = int(ends[-1])
-        row = torch.repeat_interleave(torch.arange(len(scheduled)), num_new)
+        row = torch.repeat_interleave(torch.arange(len(step.num_new)), num_new)
         positions = starts[row] + torch.arange(num_tokens) - offsets[row]
 
-        max_blocks = max(len(s.request.block_ids) for s in scheduled)
+        max_blocks = max(len(b) for b in step.block_tables)
         block_tables = torch.tensor(
-            [b + [0] * (max_blocks - len(b)) for b in (s.request.block_ids for s in scheduled)],
-            dtype=torch.int64,
+            [b + [0] * (max_blocks - len(b)) for b in step.block_tables], dtype=torch.int64,
         )
         size = self.block_size
         slot_mapping = block_tables[row, positions // size] * size + positions % size
@@ -136,7 +164,7 @@ class ModelRunner:
         decodes, prefills = (self._group(rows, num_new, starts, offsets, block_tables)
                              for rows in (num_new == 1, num_new > 1))
         metadata = self.attention.build(slot_mapping.to(device), decodes, prefills)
-        samples = torch.tensor([s.samples for s in scheduled], dtype=torch.bool)
+        samples = torch.tensor(step.samples, dtype=torch.bool)
         logits_indices = (ends - 1)[samples]
         return (
             torch.tensor(ids, dtype=torch.int64, device=device),
