@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -27,22 +26,12 @@ import torch
 import torch.distributed as dist
 
 from rillm.config import EngineConfig
+from rillm.worker.model_runner import StepInputs
 
 logger = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 """How long a rank waits in a collective (a model load on another rank included)."""
-
-
-@dataclass(frozen=True)
-class StepInputs:
-    """One model step, as rank 0 scheduled it (what ModelRunner builds its tensors from)."""
-
-    token_ids: list[int]
-    num_new: list[int]
-    starts: list[int]
-    block_tables: list[list[int]]
-    samples: list[bool]
 
 
 def backend(device: str) -> str:

@@ -10,16 +10,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from rillm.arch_config import ModelArchConfig
 from rillm.attention import AttentionMetadata, KVCache, PagedAttention, SequenceGroup
 from rillm.core.scheduler import ScheduledRequest
-from rillm.engine.tensor_parallel import StepInputs, TensorParallelGroup
 from rillm.model.builder import CausalLM
 from rillm.outputs import Logprob
 from rillm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, bitmask_words
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """One model step as plain lists: what the step's tensors are built from (tensor
+    parallelism sends them from rank 0 to the others)."""
+
+    token_ids: list[int]
+    num_new: list[int]
+    starts: list[int]
+    block_tables: list[list[int]]
+    samples: list[bool]
+
+
+class StepBroadcaster(Protocol):
+    """Tensor parallelism's rank 0 side (rillm/engine/tensor_parallel.py)."""
+
+    def broadcast(self, step: StepInputs) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +60,7 @@ class ModelRunner:
         threads: int | None = None,
         argmax_kernel: bool = False,
         num_kv_heads: int | None = None,
-        group: TensorParallelGroup | None = None,
+        group: StepBroadcaster | None = None,
     ) -> None:
         """`attention`: the backends the model was built with. `threads`: torch threads for
         the steps, set in the thread that runs them (None: whatever that thread has).
