@@ -108,6 +108,8 @@ def worker_main(config: EngineConfig, rank: int, world: int, init_method: str) -
         built = build_for_engine(config, loaded, Shard(rank, world))
         setup: list[Any] = [None]
         dist.broadcast_object_list(setup, src=0)
+        if setup[0] is None:  # rank 0 failed to build and stopped the group
+            return
         runner = ModelRunner(built.model, built.attention, loaded.config, int(setup[0]),
                              config.block_size, built.dtype, built.device, threads,
                              num_kv_heads=built.num_kv_heads)
