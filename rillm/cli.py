@@ -222,6 +222,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "GGUF's blocks (Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q5_K/Q6_K) as they are; none: "
                         "dequantize them (the exact, "
                         "batch-invariant reference)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+                        help="on CUDA: the share of the card's memory for the model and the KV "
+                        "cache (the cache takes what the model leaves)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                         help="split the model over N processes (torch.distributed: gloo on the "
                         "CPU, nccl on CUDA); Llama-family models")
@@ -250,6 +253,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.num_threads,
         cpu_kernels=args.cpu_kernels,
         tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
 
 

@@ -55,6 +55,10 @@ class EngineConfig:
     blocking, so a request's greedy tokens can differ alone and in a batch; "none" is the
     exact, batch-invariant reference path."""
 
+    gpu_memory_utilization: float = 0.9
+    """On CUDA, the fraction of the card's memory the engine may hold, the model included:
+    the KV cache takes what is left of it after the model loads (vLLM's flag). Not on the
+    CPU, where kv_cache_space_gib sizes the cache."""
     tensor_parallel_size: int = 1
     """Processes the model is split over (rillm/engine/tensor_parallel.py): each holds its
     share of the attention heads and of the MLP; 1: no split."""
@@ -66,6 +70,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_cache_space_gib <= 0:
             raise ValueError("kv_cache_space_gib must be positive")
         if self.device.split(":")[0] not in ("cpu", "cuda"):

@@ -363,13 +363,21 @@ class LLMEngine:
     # -- sizing ------------------------------------------------------------------------------
 
     def _blocks_for_space(self, config: EngineConfig) -> int:
+        """On the CPU, `kv_cache_space_gib`; on CUDA, what `gpu_memory_utilization` of the
+        card leaves once the model is loaded (vLLM's rule: the card's total times the fraction,
+        less what is in use)."""
         arch = self.model_config
         bytes_per_token = (
             2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim
             * torch.empty((), dtype=self.dtype).element_size()
         )
+        bytes_per_block = bytes_per_token * config.block_size
+        device = torch.device(config.device)
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            return blocks_for_gpu(free, total, config.gpu_memory_utilization, bytes_per_block)
         space = int(config.kv_cache_space_gib * 2**30)
-        return max(1, space // (bytes_per_token * config.block_size))
+        return max(1, space // bytes_per_block)
 
     def _resolve_max_model_len(self, config: EngineConfig, capacity: int) -> int:
         model_len = self.model_config.max_position_embeddings
@@ -391,6 +399,19 @@ class LLMEngine:
                 f"({capacity} tokens); raise kv_cache_space_gib or lower max_model_len"
             )
         return config.max_model_len
+
+
+def blocks_for_gpu(free: int, total: int, utilization: float, bytes_per_block: int) -> int:
+    """KV blocks that fit in `utilization` of a card of `total` bytes of which `free` are free
+    (the rest: the model, the CUDA context, other processes). At least one block; an error
+    where the fraction is used up already."""
+    budget = int(total * utilization) - (total - free)
+    if budget < bytes_per_block:
+        raise ValueError(
+            f"--gpu-memory-utilization {utilization:g} leaves no room for the KV cache: "
+            f"{(total - free) / 2**30:.1f} of the card's {total / 2**30:.1f} GiB are in use "
+            f"already (the model, the CUDA context, other processes); raise it or free memory")
+    return budget // bytes_per_block
 
 
 def available_cores() -> int:

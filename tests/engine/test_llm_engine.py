@@ -180,3 +180,14 @@ def test_steps_run_on_the_engines_threads_in_whichever_thread_steps(make_engine,
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_gpu_kv_cache_takes_what_the_fraction_leaves():
+    from rillm.engine.llm_engine import blocks_for_gpu
+
+    gib = 2**30
+    # An 80 GiB card with 2 GiB in use (the model, the context): 0.9 of it leaves 70 GiB.
+    assert blocks_for_gpu(78 * gib, 80 * gib, 0.9, gib) == 70
+    # Another process holds most of the card: nothing left for the cache is an error, said.
+    with pytest.raises(ValueError, match="gpu-memory-utilization 0.5"):
+        blocks_for_gpu(30 * gib, 80 * gib, 0.5, gib)
