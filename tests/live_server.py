@@ -41,6 +41,9 @@ def free_port() -> int:
 def start_server(*args: str, api_key: str | None = None, timeout: float = 180.0
                  ) -> Iterator[Server]:
     port = free_port()
+    device = os.environ.get("RILLM_TEST_DEVICE")  # bench/cuda_check.sh: the servers on a GPU
+    if device:
+        args = (*args, "--device", device)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RILLM_API_KEY", None)
     log = open(f"/tmp/rillm-test-server-{port}.log", "w")  # closed below
