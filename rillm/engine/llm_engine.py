@@ -127,7 +127,17 @@ class LLMEngine:
         world = config.tensor_parallel_size
         self.group: TensorParallelGroup | None = None
         if world > 1:  # the other ranks load and build while this one does
-            self.group = TensorParallelGroup(config, world)
+            # They load the file this engine was given, whichever way it was given.
+            workers = config if loaded is None else replace(config, model=loaded.path)
+            self.group = TensorParallelGroup(workers, world)
+        try:
+            self._build(config, loaded, threads, world)
+        except BaseException:
+            self.close()  # the workers stop (they were waiting for the KV block count)
+            raise
+
+    def _build(self, config: EngineConfig, loaded: LoadedModel | None, threads: int,
+               world: int) -> None:
         loaded = loaded if loaded is not None else load_model(config.model)
         self.model_path = loaded.path
         self.model_config: ModelArchConfig = loaded.config

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -30,8 +31,10 @@ from rillm.worker.model_runner import StepInputs
 
 logger = logging.getLogger(__name__)
 
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
-"""How long a rank waits in a collective (a model load on another rank included)."""
+COLLECTIVE_TIMEOUT = timedelta(days=365)
+"""How long a rank waits in a collective. The workers wait for the next step inside one, for
+as long as the server stays idle, so no timeout that an idle server could reach: a rank that
+dies is noticed otherwise (its peers' sockets close; a worker dies with rank 0)."""
 
 
 def backend(device: str) -> str:
@@ -45,15 +48,27 @@ def _free_port() -> int:
 
 
 class TensorParallelGroup:
-    """Rank 0's side: the worker processes and the broadcast of each step to them."""
+    """Rank 0's side: the worker processes and the broadcast of each step to them. One per
+    process (torch.distributed's default group is the process's). The ranks are spawned: a
+    script that builds a tensor-parallel LLM must guard its entry point with
+    `if __name__ == "__main__":`, as multiprocessing requires."""
 
     def __init__(self, config: EngineConfig, world: int) -> None:
+        if dist.is_initialized():
+            raise ValueError("one tensor-parallel engine per process: this one has a process "
+                             "group already (close() the other engine first)")
+        if config.device.startswith("cuda") and torch.cuda.device_count() < world:
+            raise ValueError(f"--tensor-parallel-size {world} needs {world} GPUs, one a rank; "
+                             f"{torch.cuda.device_count()} are visible")
         self.world = world
         self._closed = False
+        self.broken = False
+        """A step failed on rank 0 after the workers got it: the ranks are out of step."""
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         context = torch.multiprocessing.get_context("spawn")
         self.workers = [context.Process(target=worker_main, name=f"rillm-tp{rank}",
-                                        args=(config, rank, world, init_method), daemon=True)
+                                        args=(config, rank, world, init_method, os.getpid()),
+                                        daemon=True)
                         for rank in range(1, world)]
         for worker in self.workers:
             worker.start()
@@ -66,6 +81,9 @@ class TensorParallelGroup:
         dist.broadcast_object_list([num_blocks], src=0)
 
     def broadcast(self, step: StepInputs) -> None:
+        if self.broken:
+            raise RuntimeError("the tensor-parallel ranks are out of step after a failed step; "
+                               "the engine must be restarted")
         dist.broadcast_object_list([step], src=0)
 
     def close(self) -> None:
@@ -74,21 +92,23 @@ class TensorParallelGroup:
             return
         self._closed = True
         try:
-            if dist.is_initialized():
+            if dist.is_initialized() and not self.broken:
                 dist.broadcast_object_list([None], src=0)
         except Exception:  # noqa: BLE001 - a worker already gone: stop the rest below
             logger.warning("tensor-parallel workers did not take the stop message (exit codes "
                            "%s)", [w.exitcode for w in self.workers])
         for worker in self.workers:
-            worker.join(timeout=10)
+            worker.join(timeout=0 if self.broken else 10)
             if worker.is_alive():
                 worker.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def worker_main(config: EngineConfig, rank: int, world: int, init_method: str) -> None:
-    """A rank other than 0: build this rank's shard, then run every step rank 0 broadcasts."""
+def worker_main(config: EngineConfig, rank: int, world: int, init_method: str,
+                parent: int) -> None:
+    """A rank other than 0: build this rank's shard, then run every step rank 0 broadcasts.
+    On CUDA, rank r runs on GPU r."""
     from rillm.engine.llm_engine import build_for_engine, engine_threads
     from rillm.loader import load_model
     from rillm.model.parallel import Shard
@@ -98,7 +118,10 @@ def worker_main(config: EngineConfig, rank: int, world: int, init_method: str) -
     # workers in order (close()); a worker stopping on its own would fail rank 0's collective.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_parent(parent)
+    if config.device.startswith("cuda"):
+        torch.cuda.set_device(rank)
+        config = replace(config, device=f"cuda:{rank}")
     threads = engine_threads(config)
     torch.set_num_threads(threads)
     dist.init_process_group(backend(config.device), init_method=init_method, rank=rank,
@@ -124,14 +147,15 @@ def worker_main(config: EngineConfig, rank: int, world: int, init_method: str) -
         dist.destroy_process_group()
 
 
-def _die_with_parent() -> None:
-    """Linux: this worker gets SIGKILL when the engine's process ends, however it ends."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: this worker gets SIGKILL when the thread that started it ends (the engine's loop
+    thread, which lives as long as the engine), however it ends."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl: go too
+        if os.getppid() != parent:  # the parent died before prctl: go too
             os._exit(1)
     except OSError:
         pass

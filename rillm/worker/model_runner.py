@@ -37,6 +37,8 @@ class StepInputs:
 class StepBroadcaster(Protocol):
     """Tensor parallelism's rank 0 side (rillm/engine/tensor_parallel.py)."""
 
+    broken: bool
+
     def broadcast(self, step: StepInputs) -> None: ...
 
 
@@ -96,7 +98,12 @@ class ModelRunner:
         input_ids, positions, metadata, logits_indices = self._prepare(step)
         if all_tokens:
             logits_indices = torch.arange(input_ids.shape[0], device=self.device)
-        return self.model(input_ids, positions, self.caches, metadata, logits_indices)
+        try:
+            return self.model(input_ids, positions, self.caches, metadata, logits_indices)
+        except BaseException:
+            if self.group is not None:  # the other ranks may be inside an all-reduce
+                self.group.broken = True
+            raise
 
     @torch.inference_mode()
     def run_step(self, step: StepInputs) -> None:

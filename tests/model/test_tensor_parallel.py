@@ -19,6 +19,9 @@ CASES = {
     "llama": ("llama", {}),  # 4 query heads over 2 KV heads: one KV head a rank
     "qwen3-one-kv-head": ("qwen3", {"num_key_value_heads": 1}),  # replicated on both ranks
     "qwen2-bias": ("qwen2", {}),  # q/k/v biases split with their rows
+    # Uneven: 3 KV groups of 2 query heads over 2 ranks (1 and 2), an odd MLP width (48, 49).
+    "llama-uneven": ("llama", {"hidden_size": 96, "num_attention_heads": 6,
+                               "num_key_value_heads": 3, "intermediate_size": 97}),
 }
 
 
@@ -48,6 +51,8 @@ def test_two_ranks_give_the_logits_and_tokens_of_one(tmp_path, smollm_tokenizer,
         # Rank 0's cache holds its KV heads only (all of them where there is one to share).
         kv_heads = overrides.get("num_key_value_heads", 2)
         assert two.runner.caches[0].num_kv_heads == max(1, kv_heads // 2)
+        with pytest.raises(ValueError, match="one tensor-parallel engine per process"):
+            LLMEngine(replace(config, tensor_parallel_size=2))
         torch.testing.assert_close(rillm_logits(two, tokens, chunk=16), expected_logits,
                                    atol=1e-4, rtol=1e-4)
         assert greedy(two, tokens[:10], 16) == expected
@@ -63,3 +68,15 @@ def test_heads_split_by_kv_groups():
     assert [Shard(r, 2).heads(4, 1) for r in range(2)] == [((0, 2), (0, 1)), ((2, 4), (0, 1))]
     with pytest.raises(ValueError):
         Shard(0, 4).heads(6, 2)  # 2 ranks per KV head, 3 query heads each: no even split
+
+
+def test_a_failed_start_stops_the_workers(tmp_path, smollm_tokenizer):
+    save_tiny(tmp_path, smollm_tokenizer, "llama", {})
+    # The cache cannot hold the context asked for: rank 0 fails after the workers started.
+    config = EngineConfig(model=str(tmp_path), num_kv_blocks=2, block_size=4, max_model_len=128,
+                          num_threads=1, tensor_parallel_size=2)
+    with pytest.raises(ValueError):
+        LLMEngine(config)
+    # The process group is gone with them: another tensor-parallel engine can start.
+    engine = LLMEngine(replace(config, num_kv_blocks=64))
+    engine.close()
