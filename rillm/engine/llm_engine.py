@@ -114,8 +114,7 @@ def build_for_engine(config: EngineConfig, loaded: LoadedModel, shard: Shard = W
     attention = PagedAttention.for_plan(plan, config.block_size, dtype, device,
                                         arch.sliding_window)
     model = build_model(arch, loaded.weights, dtype, device, plan, attention, quantized, shard)
-    (_, _), (k0, k1) = (shard.heads(arch.num_attention_heads, arch.num_key_value_heads)
-                        if shard.parallel else ((0, 0), (0, arch.num_key_value_heads)))
+    _, (k0, k1) = shard.heads(arch.num_attention_heads, arch.num_key_value_heads)
     return EngineModel(model, attention, plan, dtype, device, k1 - k0)
 
 
