@@ -225,6 +225,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
                         help="on CUDA: the share of the card's memory for the model and the KV "
                         "cache (the cache takes what the model leaves)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on CUDA: run decode steps op by op instead of replaying the CUDA "
+                        "graphs captured at start-up")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                         help="split the model over N processes (torch.distributed: gloo on the "
                         "CPU, nccl on CUDA); Llama-family models")
@@ -254,6 +257,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cpu_kernels=args.cpu_kernels,
         tensor_parallel_size=args.tensor_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
     )
 
 

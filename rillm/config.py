@@ -62,6 +62,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     """Processes the model is split over (rillm/engine/tensor_parallel.py): each holds its
     share of the attention heads and of the MLP; 1: no split."""
+    enforce_eager: bool = False
+    """On CUDA, run decode steps op by op instead of replaying CUDA graphs captured at start-up
+    (vLLM's flag; rillm/worker/decode_graphs.py). Nothing is captured on the CPU."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens",

@@ -79,6 +79,8 @@ class PagedPrefillMetadata:
     query_lens: torch.Tensor
     """[B] int64 queries of each sequence, the last of its keys."""
     context_lens: torch.Tensor
+    max_query_len: int
+    """The most queries of one sequence (the Triton kernel's grid)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ class KernelPrefill:
             query_offsets=group.offsets.to(self.device),
             query_lens=group.num_new.to(self.device),
             context_lens=(group.starts + group.num_new).to(self.device),
+            max_query_len=int(group.num_new.max()),
         )
 
     def forward(self, q: torch.Tensor, cache: KVCache, metadata: PrefillMetadata, scale: float,
@@ -260,6 +263,45 @@ class TorchPrefill:
         out[metadata.token_index[metadata.valid]] = og[metadata.valid]
 
 
+class TritonDecode(KernelDecode):
+    """rillm's Triton kernel (triton_paged.py): the block tables and lengths are read on the
+    device, so the launch's shape is the batch's alone (CUDA graphs capture it)."""
+
+    name = "triton"
+
+    def __init__(self, block_size: int, device: torch.device, window: int | None = None) -> None:
+        super().__init__(block_size, device, window)
+        from rillm.attention import triton_paged
+
+        self._decode = triton_paged.paged_decode
+
+    def forward(self, q: torch.Tensor, cache: KVCache, metadata: DecodeMetadata,
+                scale: float, windowed: bool = False) -> torch.Tensor:
+        assert isinstance(metadata, PagedDecodeMetadata)
+        return self._decode(q, cache.key, cache.value, metadata.block_tables,
+                            metadata.context_lens, cache.block_size, scale,
+                            self.window if windowed else 0)
+
+
+class TritonPrefill(KernelPrefill):
+    """rillm's Triton prefill kernel: each tile of queries against only the keys it sees."""
+
+    name = "triton"
+
+    def __init__(self, block_size: int, device: torch.device, window: int | None = None) -> None:
+        super().__init__(block_size, device, window)
+        from rillm.attention import triton_paged
+
+        self._prefill = triton_paged.paged_prefill
+
+    def forward(self, q: torch.Tensor, cache: KVCache, metadata: PrefillMetadata, scale: float,
+                out: torch.Tensor, windowed: bool = False) -> None:
+        assert isinstance(metadata, PagedPrefillMetadata)
+        self._prefill(q, cache.key, cache.value, metadata.block_tables, metadata.query_offsets,
+                      metadata.query_lens, metadata.context_lens, metadata.max_query_len,
+                      cache.block_size, scale, out, self.window if windowed else 0)
+
+
 DecodeBackend = KernelDecode | TorchDecode
 PrefillBackend = KernelPrefill | TorchPrefill
 
@@ -276,12 +318,20 @@ class PagedAttention:
                  device: torch.device, sliding_window: int | None = None) -> PagedAttention:
         """`sliding_window`: the keys a windowed layer's query sees (None: no layer is)."""
         window = sliding_window
-        decode: DecodeBackend = (TorchDecode(block_size, dtype, device, window)
-                                 if plan.decode is DecodeAttention.TORCH
-                                 else KernelDecode(block_size, device, window))
-        prefill: PrefillBackend = (KernelPrefill(block_size, device, window)
-                                   if plan.prefill is PrefillAttention.PAGED_AVX512BF16
-                                   else TorchPrefill(block_size, device, window))
+        decode: DecodeBackend
+        if plan.decode is DecodeAttention.TORCH:
+            decode = TorchDecode(block_size, dtype, device, window)
+        elif plan.decode is DecodeAttention.TRITON:
+            decode = TritonDecode(block_size, device, window)
+        else:
+            decode = KernelDecode(block_size, device, window)
+        prefill: PrefillBackend
+        if plan.prefill is PrefillAttention.PAGED_AVX512BF16:
+            prefill = KernelPrefill(block_size, device, window)
+        elif plan.prefill is PrefillAttention.TRITON:
+            prefill = TritonPrefill(block_size, device, window)
+        else:
+            prefill = TorchPrefill(block_size, device, window)
         return cls(decode, prefill)
 
     def build(self, slot_mapping: torch.Tensor, decodes: SequenceGroup | None,

@@ -29,13 +29,14 @@ from rillm.core.scheduler import Scheduler, SchedulerConfig
 from rillm.engine.detokenizer import IncrementalDetokenizer
 from rillm.engine.grammar import GrammarCompiler
 from rillm.engine.tensor_parallel import TensorParallelGroup
-from rillm.kernels.plan import KernelPlan, resolve_kernels
+from rillm.kernels.plan import DecodeAttention, KernelPlan, resolve_kernels
 from rillm.loader import LoadedModel, load_model
 from rillm.loader.gguf_blocks import SUPPORTED_TYPES
 from rillm.model.builder import CausalLM, build_model
 from rillm.model.parallel import WHOLE, Shard
 from rillm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from rillm.sampling_params import InvalidParameterError, SamplingParams
+from rillm.worker.decode_graphs import StaticDecode
 from rillm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -168,10 +169,18 @@ class LLMEngine:
         )
         if self.group is not None:
             self.group.setup(num_blocks)
+        static = None
+        if (device.type == "cuda" and plan.decode is DecodeAttention.TRITON
+                and not config.enforce_eager and self.group is None):
+            static = StaticDecode(config.max_num_seqs,
+                                  -(-self.max_model_len // config.block_size))
         self.runner = ModelRunner(
             model, attention, loaded.config, num_blocks, config.block_size, self.dtype, device,
-            threads, plan.argmax, num_kv_heads=built.num_kv_heads, group=self.group,
+            threads if device.type == "cpu" else None, plan.argmax,
+            num_kv_heads=built.num_kv_heads, group=self.group, static_decode=static,
         )
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture()
         self.grammars = GrammarCompiler(
             self.tokenizer, loaded.config.vocab_size, loaded.config.eos_token_ids
         )

@@ -8,6 +8,7 @@ the CPU or the loaded kernels anywhere else.
 from __future__ import annotations
 
 import enum
+import importlib.util
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,13 +23,17 @@ class DecodeAttention(enum.Enum):
     """The same kernel's portable C++ path (float32 arithmetic, any dtype)."""
     TORCH = "torch-gather"
     """Gather the keys once per layer, two batched matmuls (any device)."""
+    TRITON = "triton"
+    """rillm's Triton kernel (CUDA): block tables read on the device, graph-capturable."""
 
 
 class PrefillAttention(enum.Enum):
     PAGED_AVX512BF16 = "paged-avx512bf16"
     """rillm's paged_prefill_attention: 16-query tiles against only the keys they see."""
     TORCH_SDPA = "torch-sdpa"
-    """Gather + scaled_dot_product_attention with a causal mask (float32 reference, CUDA)."""
+    """Gather + scaled_dot_product_attention with a causal mask (the CPU's float32 path)."""
+    TRITON = "triton"
+    """rillm's Triton kernel (CUDA): query tiles against only the keys they see."""
 
 
 class LinearKernel(enum.Enum):
@@ -69,7 +74,16 @@ class KernelPlan:
 TORCH_ONLY = KernelPlan(DecodeAttention.TORCH, PrefillAttention.TORCH_SDPA, LinearKernel.DENSE,
                         rotary_cache_write=False, fused_norm=False, fused_decode=False,
                         argmax=False)
-"""PyTorch everywhere: CUDA, no C++ compiler, `--no-cpu-kernels` (with dense weights)."""
+"""PyTorch everywhere: no C++ compiler, `--no-cpu-kernels` (with dense weights), a GPU
+without Triton."""
+
+CUDA = replace(TORCH_ONLY, decode=DecodeAttention.TRITON, prefill=PrefillAttention.TRITON)
+"""A GPU: dense weights (a GGUF's blocks dequantized once at load), Triton paged attention,
+PyTorch for the rest; nothing CPU-specific."""
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_kernels(device: torch.device, dtype: torch.dtype, head_dim: int,
@@ -78,6 +92,10 @@ def resolve_kernels(device: torch.device, dtype: torch.dtype, head_dim: int,
     keeps a GGUF file's blocks; `cpu_kernels`: the user allows rillm's C++ kernels (they are
     built and loaded here); `fusable_layers`: the architecture's layers are what decode_layer
     computes (no q/k norms, no biases)."""
+    if device.type == "cuda":
+        if gguf_blocks:
+            raise ValueError("a GPU runs a GGUF's weights dequantized (quantization auto or none)")
+        return CUDA if triton_available() else TORCH_ONLY
     blocks = LinearKernel.INT4_TORCH if gguf_blocks else LinearKernel.DENSE
     if device.type != "cpu" or not cpu_kernels or not load_cpu_kernels():
         return replace(TORCH_ONLY, linear=blocks)

@@ -19,6 +19,7 @@ from rillm.attention import AttentionMetadata, KVCache, PagedAttention, Sequence
 from rillm.core.scheduler import ScheduledRequest
 from rillm.model.builder import CausalLM
 from rillm.outputs import Logprob
+from rillm.worker.decode_graphs import DecodeGraphs, StaticDecode
 from rillm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, bitmask_words
 
 
@@ -63,12 +64,16 @@ class ModelRunner:
         argmax_kernel: bool = False,
         num_kv_heads: int | None = None,
         group: StepBroadcaster | None = None,
+        static_decode: StaticDecode | None = None,
     ) -> None:
         """`attention`: the backends the model was built with. `threads`: torch threads for
         the steps, set in the thread that runs them (None: whatever that thread has).
         `argmax_kernel`: the sampler's argmax on rillm's C++ kernel (KernelPlan.argmax).
         Tensor parallelism: `num_kv_heads`, the KV heads of this rank's cache; `group`, on
-        rank 0, the other ranks, told each step's inputs before the model runs."""
+        rank 0, the other ranks, told each step's inputs before the model runs.
+        `static_decode`: decode steps run padded to fixed shapes, as CUDA graphs where it
+        says so (decode_graphs.py; the attention's decode backend must be Triton's); the
+        caches then hold one scratch block more than `num_blocks`."""
         self.model = model
         self.attention = attention
         self.config = config
@@ -76,12 +81,15 @@ class ModelRunner:
         self.device = device
         self.eos_token_ids = config.eos_token_ids
         kv_heads = num_kv_heads if num_kv_heads is not None else config.num_key_value_heads
+        cache_blocks = num_blocks + (1 if static_decode is not None else 0)
         self.caches = [
-            KVCache(num_blocks, block_size, kv_heads, config.head_dim, dtype, device)
+            KVCache(cache_blocks, block_size, kv_heads, config.head_dim, dtype, device)
             for _ in range(config.num_hidden_layers)
         ]
+        self.graphs = (DecodeGraphs(model, self.caches, block_size, static_decode, device)
+                       if static_decode is not None else None)
         self.group = group
-        self.sampler = Sampler(argmax_kernel)
+        self.sampler = Sampler(argmax_kernel, prune=device.type == "cpu")
         self.threads = threads
 
     @torch.inference_mode()
@@ -92,9 +100,18 @@ class ModelRunner:
         of the last token of each request that samples, or of every token if `all_tokens`."""
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # a server steps in its own thread
-        step = self.step_inputs(scheduled)
+        return self.logits(self.step_inputs(scheduled), all_tokens)
+
+    @torch.inference_mode()
+    def logits(self, step: StepInputs, all_tokens: bool = False) -> torch.Tensor:
+        """`forward` of a step already made plain lists."""
         if self.group is not None:
             self.group.broadcast(step)
+        if self.graphs is not None and not all_tokens and self.graphs.takes(step.num_new):
+            logits = self.graphs.run(step.token_ids, step.starts, step.block_tables)
+            if all(step.samples):
+                return logits
+            return logits[torch.tensor(step.samples, device=self.device)]
         input_ids, positions, metadata, logits_indices = self._prepare(step)
         if all_tokens:
             logits_indices = torch.arange(input_ids.shape[0], device=self.device)

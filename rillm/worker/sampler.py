@@ -59,10 +59,15 @@ class Sampler:
     everything else is async.
     `argmax_kernel` (KernelPlan.argmax): the argmaxes of CPU float32 logits run on
     `torch.ops.rillm.argmax_rows` (the same answers as torch.argmax, on every thread).
+    `prune` (the CPU): the draw hashes only the tokens that can win and top_p sorts only its
+    candidates, each found with a read back from the device; unset (a GPU, where hashing and
+    sorting the whole vocabulary is cheaper than waiting for the device), the step reads
+    nothing back until its tokens. The tokens are the same either way.
     """
 
-    def __init__(self, argmax_kernel: bool = False) -> None:
+    def __init__(self, argmax_kernel: bool = False, prune: bool = True) -> None:
         self._argmax = _kernel_argmax if argmax_kernel else _torch_argmax
+        self.prune = prune
 
     def __call__(self, logits: Tensor, batch: SamplingBatch, *,
                  consume: bool = False) -> SamplerOutput:
@@ -81,7 +86,7 @@ class Sampler:
         if batch.all_greedy:
             token_ids = self._argmax(logits)
         else:
-            token_ids = _sample(logits, batch, self._argmax)
+            token_ids = _sample(logits, batch, self._argmax, self.prune)
             if batch.any_greedy:
                 token_ids = torch.where(batch.greedy, self._argmax(logits), token_ids)
 
@@ -142,7 +147,7 @@ def _kernel_argmax(x: Tensor) -> Tensor:
 
 
 def _sample(logits: Tensor, batch: SamplingBatch,
-            argmax: Callable[[Tensor], Tensor] = _torch_argmax) -> Tensor:
+            argmax: Callable[[Tensor], Tensor] = _torch_argmax, prune: bool = True) -> Tensor:
     """Temperature, min_p, top_k, top_p, then a Gumbel-max draw: argmax(x + G) with
     G = -log(-log u) picks token i with probability softmax(x)_i, so no softmax is needed."""
     x = logits / batch.temperature[:, None]
@@ -153,7 +158,9 @@ def _sample(logits: Tensor, batch: SamplingBatch,
     if batch.top_k is not None:
         _mask_top_k_(x, batch.top_k, batch.max_top_k)
     if batch.top_p is not None:
-        _mask_top_p_(x, batch.top_p)
+        _mask_top_p_(x, batch.top_p, prune)
+    if not prune:
+        return argmax(x.add_(_gumbel_noise(batch)))
     return _gumbel_argmax(x, batch, argmax)
 
 
@@ -203,19 +210,20 @@ def _mask_top_k_(x: Tensor, top_k: Tensor, max_top_k: int) -> None:
     x.masked_fill_(x < kth, float("-inf"))
 
 
-def _mask_top_p_(x: Tensor, top_p: Tensor) -> None:
+def _mask_top_p_(x: Tensor, top_p: Tensor, prune: bool = True) -> None:
     """Keep each row's nucleus: the most likely tokens whose total probability first
     reaches top_p (the top token always stays).
 
     Sorting all V entries is the slow part on a CPU, so only candidates are sorted: tokens
     with p >= (1 - top_p) / V. Those below carry less than 1 - top_p in total, so the
-    candidates alone reach top_p and the nucleus lies among them.
+    candidates alone reach top_p and the nucleus lies among them. Not `prune`: every entry
+    is sorted (no read back from the device).
     """
     vocab = x.shape[-1]
     probs = x.softmax(dim=-1)
     active = top_p < 1.0
     floor = torch.where(active, (1.0 - top_p) / vocab, 2.0)[:, None]
-    num_candidates = int((probs >= floor).sum(dim=-1).max())  # host sync
+    num_candidates = int((probs >= floor).sum(dim=-1).max()) if prune else vocab  # host sync
     ranked = probs.topk(max(num_candidates, 1), dim=-1).values
     before = ranked.cumsum(dim=-1) - ranked
     num_kept = (before < top_p[:, None]).sum(dim=-1).clamp(min=1)

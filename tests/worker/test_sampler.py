@@ -450,3 +450,37 @@ def test_the_pruned_draw_picks_what_the_full_noise_picks() -> None:
             vocab_size=vocab, device="cpu")
         expected = (x + _gumbel_noise(batch)).argmax(dim=-1)
         assert torch.equal(_gumbel_argmax(x.clone(), batch), expected), spread
+
+
+def test_the_unpruned_sampler_draws_the_same_tokens_without_reading_back() -> None:
+    """The GPU's sampler (`prune=False`: every token's noise, every entry sorted for top_p)
+    picks the tokens the CPU's picks, row by row; on CUDA it reads nothing back from the
+    device before its tokens (RILLM_TEST_DEVICE=cuda, bench/cuda_check.sh)."""
+    import os
+
+    device = torch.device(os.environ.get("RILLM_TEST_DEVICE", "cpu"))
+    generator = torch.Generator().manual_seed(5)
+    vocab, rows = 3000, 48
+    logits = torch.randn(rows, vocab, generator=generator) * 4
+    params = []
+    for i in range(rows):
+        kind = i % 6
+        params.append(SamplingParams(
+            temperature=0.0 if kind == 0 else 0.7 + 0.1 * kind, seed=i,
+            top_p=0.9 if kind in (1, 4) else 1.0, top_k=40 if kind in (2, 4) else 0,
+            min_p=0.05 if kind == 3 else 0.0, repetition_penalty=1.2 if kind == 5 else 1.0))
+    batch = SamplingBatch.build(params, seeds=[i * 31 + 7 for i in range(rows)],
+                                prompt_token_ids=[[3, 4, 5]] * rows,
+                                output_token_ids=[list(range(i % 4)) for i in range(rows)],
+                                eos_token_ids=[EOS], vocab_size=vocab, device=device)
+    pruned = Sampler()(logits.to(device), batch).token_ids
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # a read back raises
+    try:
+        full = Sampler(prune=False)(logits.to(device), batch).token_ids
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert full.tolist() == pruned.tolist()
+    assert len(set(full.tolist())) > rows // 3  # real draws, not one token everywhere
