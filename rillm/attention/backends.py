@@ -13,7 +13,10 @@ and prefill chunks (many). `PagedAttention` runs one decode backend and one pref
 - `KernelPrefill`: rillm's `paged_prefill_attention` (bfloat16, AVX-512 BF16), each 16-query
   tile against only the keys it sees (3-4x faster than masked SDPA at 8 x 128 tokens).
 - `TorchPrefill`: gather + `scaled_dot_product_attention` with a causal mask: the float32 path
-  held to transformers, and CUDA.
+  held to transformers on the CPU.
+- `TritonDecode`, `TritonPrefill`: the GPU's (triton_paged.py): block tables and lengths read
+  on the device, only the keys each query sees; the decode launch's shape is the batch's
+  alone, so CUDA graphs capture it (rillm/worker/decode_graphs.py).
 
 Sliding windows (Gemma's local layers, Mistral): a layer with `windowed=True` lets each query
 see only the last `window` keys, the position's own included (key > query - window), in every

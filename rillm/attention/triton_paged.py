@@ -37,8 +37,8 @@ def _decode_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, scale, wi
                    stride_qb, stride_qh, stride_ob, stride_kh, stride_ks, stride_tb,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
                    DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, KEYS: tl.constexpr):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    seq = tl.program_id(0).to(tl.int64)  # offsets in int64: a layer's cache can pass 2**31
+    kv_head = tl.program_id(1).to(tl.int64)
     length = tl.load(lens_ptr + seq)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
@@ -83,8 +83,8 @@ def _prefill_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, offsets_ptr, qlens
                     GROUP: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, KEYS: tl.constexpr, QUERIES: tl.constexpr,
                     PRECISION: tl.constexpr):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
     tile = tl.program_id(2)
     q_len = tl.load(qlens_ptr + seq)
     length = tl.load(lens_ptr + seq)
@@ -145,12 +145,13 @@ def paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     out = q.new_empty(batch, num_heads * dim)
     if batch == 0:
         return out
+    group_pad, dim_pad = triton.next_power_of_2(group), triton.next_power_of_2(dim)
     _decode_kernel[(batch, num_kv_heads)](
         out, q, key_cache, value_cache, block_tables, context_lens, scale, window,
         q.stride(0), q.stride(1), out.stride(0), key_cache.stride(0), key_cache.stride(1),
         block_tables.stride(0),
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), DIM=dim,
-        DIM_PAD=triton.next_power_of_2(dim), BLOCK_SIZE=block_size, KEYS=KEYS)
+        GROUP=group, GROUP_PAD=group_pad, DIM=dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size,
+        KEYS=KEYS, num_warps=8 if group_pad * dim_pad > 512 else 4)  # tiles of [G, KEYS, D]
     return out
 
 

@@ -123,7 +123,10 @@ class Gemma3Model(nn.Module):
                  attention: PagedAttention) -> None:
         super().__init__()
         self.embed_tokens = checkpoint.embedding("model.embed_tokens.weight")
-        self.embed_scale = torch.tensor(config.hidden_size**0.5).to(checkpoint.dtype)
+        self.embed_scale = torch.tensor(config.hidden_size**0.5).to(
+            device=checkpoint.device, dtype=checkpoint.dtype)
+        """On the model's device: a copy to it in each step would wait for the device (and
+        cannot be captured in a CUDA graph)."""
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(config, i, checkpoint, plan, attention)
             for i in range(config.num_hidden_layers))
@@ -139,7 +142,7 @@ class Gemma3Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 caches: Sequence[KVCache], metadata: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        x = x * self.embed_scale.to(x.device)
+        x = x * self.embed_scale
         ropes = self.rotary_emb(positions, x.dtype), self.rotary_local(positions, x.dtype)
         for layer, cache in zip(self.layers, caches, strict=True):
             assert isinstance(layer, Gemma3DecoderLayer)

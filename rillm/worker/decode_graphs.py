@@ -84,6 +84,9 @@ class DecodeGraphs:
             self.buffer.copy_(self.host)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self._copied = torch.cuda.Event() if settings.capture else None
+        """Recorded after each step's copies from `host`: the next step waits for it before
+        writing there (today every step reads its tokens back first anyway)."""
 
     def takes(self, num_new: list[int]) -> bool:
         """A step these graphs run: decodes only (one new token each), not too many."""
@@ -118,6 +121,8 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= batch)
         rows, width, bs = self.settings.max_batch, self.settings.max_blocks, self.block_size
         host = self._np
+        if self._copied is not None:
+            self._copied.synchronize()
         positions = np.asarray(starts, dtype=np.int64)
         tables = host[_FIELDS * rows:].reshape(rows, width)
         for i, table in enumerate(block_tables):
@@ -133,6 +138,8 @@ class DecodeGraphs:
             fields.copy_(self.host[: _FIELDS * rows], non_blocking=True)
             used = slice(_FIELDS * rows, _FIELDS * rows + size * width)
             self.buffer[used].copy_(self.host[used], non_blocking=True)
+            assert self._copied is not None
+            self._copied.record()
         if size in self.graphs:
             self.graphs[size].replay()
             return self.outputs[size][:batch]

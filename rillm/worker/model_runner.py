@@ -21,6 +21,7 @@ from rillm.model.builder import CausalLM
 from rillm.outputs import Logprob
 from rillm.worker.decode_graphs import DecodeGraphs, StaticDecode
 from rillm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, bitmask_words
+from rillm.worker.sampling_batch import device_tensor
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ class ModelRunner:
             logits = self.graphs.run(step.token_ids, step.starts, step.block_tables)
             if all(step.samples):
                 return logits
-            return logits[torch.tensor(step.samples, device=self.device)]
+            rows = [i for i, sample in enumerate(step.samples) if sample]
+            return logits.index_select(0, device_tensor(rows, torch.int64, self.device))
         input_ids, positions, metadata, logits_indices = self._prepare(step)
         if all_tokens:
             logits_indices = torch.arange(input_ids.shape[0], device=self.device)

@@ -105,7 +105,9 @@ def _process_logits(logits: Tensor, batch: SamplingBatch, in_place: bool) -> Ten
         rows, tokens, biases = batch.logit_bias
         logits.index_put_((rows, tokens), biases, accumulate=True)
     if batch.banned is not None:
-        logits.index_put_(batch.banned, logits.new_tensor(float("-inf")))
+        banned_rows = batch.banned[0]  # a fill on the device: no scalar copied to it
+        logits.index_put_(batch.banned, torch.full(banned_rows.shape, float("-inf"),
+                                                   device=logits.device))
     if batch.allowed is not None:
         logits.masked_fill_(~unpack_bitmask(batch.allowed, batch.vocab_size), float("-inf"))
     if batch.seen_tokens is not None and batch.repetition_penalty is not None:

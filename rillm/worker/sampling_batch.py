@@ -21,6 +21,17 @@ GREEDY_TEMPERATURE = 1e-5
 MASK32 = 0xFFFF_FFFF
 
 
+def device_tensor(values: Sequence[float] | Sequence[int] | Tensor, dtype: torch.dtype | None,
+                  device: torch.device | str) -> Tensor:
+    """`values` on `device`. To a GPU through pinned memory, without waiting: a copy from
+    pageable memory waits for the device to finish what it is running (the step whose logits
+    this batch will sample), so the host could not build the batch meanwhile."""
+    t = values if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True, eq=False)
 class SamplingBatch:
     """How to sample each row of one step's logits; row i belongs to one sequence.
@@ -96,7 +107,7 @@ class SamplingBatch:
             raise ValueError("params, seeds, prompt and output token ids differ in length")
 
         def vector(values: Sequence[float] | Sequence[int], dtype: torch.dtype) -> Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return device_tensor(values, dtype, device)
 
         greedy = [p.temperature < GREEDY_TEMPERATURE for p in params]
         rows = list(zip(params, greedy, strict=True))
@@ -133,7 +144,7 @@ class SamplingBatch:
             output_counts=output_counts,
             logit_bias=_logit_bias(params, vocab_size, device),
             banned=_banned(params, steps, eos_token_ids, vocab_size, device),
-            allowed=allowed.to(device) if allowed is not None else None,
+            allowed=device_tensor(allowed, None, device) if allowed is not None else None,
             all_greedy=all(greedy),
             any_greedy=any(greedy),
             max_num_logprobs=max(requested) if requested else None,
@@ -157,7 +168,7 @@ def _repetition(
     )
     seen[row_ids, token_ids] = True
     penalty = [p.repetition_penalty for p in params]
-    return torch.tensor(penalty, dtype=torch.float32, device=device), seen
+    return device_tensor(penalty, torch.float32, device), seen
 
 
 def _frequency(
@@ -178,8 +189,8 @@ def _frequency(
     frequency = [p.frequency_penalty for p in params]
     presence = [p.presence_penalty for p in params]
     return (
-        torch.tensor(frequency, dtype=torch.float32, device=device),
-        torch.tensor(presence, dtype=torch.float32, device=device),
+        device_tensor(frequency, torch.float32, device),
+        device_tensor(presence, torch.float32, device),
         counts,
     )
 
@@ -197,9 +208,9 @@ def _logit_bias(
         return None
     rows, tokens, biases = zip(*entries, strict=True)
     return (
-        torch.tensor(rows, dtype=torch.int64, device=device),
-        torch.tensor(tokens, dtype=torch.int64, device=device),
-        torch.tensor(biases, dtype=torch.float32, device=device),
+        device_tensor(rows, torch.int64, device),
+        device_tensor(tokens, torch.int64, device),
+        device_tensor(biases, torch.float32, device),
     )
 
 
@@ -230,8 +241,8 @@ def _banned(
     if not rows:
         return None
     return (
-        torch.tensor(rows, dtype=torch.int64, device=device),
-        torch.tensor(tokens, dtype=torch.int64, device=device),
+        device_tensor(rows, torch.int64, device),
+        device_tensor(tokens, torch.int64, device),
     )
 
 
@@ -243,4 +254,4 @@ def _flatten(
         torch.tensor(rows, dtype=torch.int64), torch.tensor([len(t) for t in token_lists])
     )
     token_ids = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64)
-    return row_ids.to(device), token_ids.to(device)
+    return device_tensor(row_ids, None, device), device_tensor(token_ids, None, device)
