@@ -4,7 +4,8 @@
 #      network; its own torch, transformers, tokenizers stay) and reassembles the default
 #      model from its carried parts (tools/device_pack.sh says how they travel);
 #   2. the GPU path's own tests on the device (RILLM_TEST_DEVICE): Triton paged attention
-#      against dense attention, tiny models through Triton + captured CUDA graphs against
+#      against dense attention, the Triton fused ops against PyTorch's (the rotation and cache
+#      write bit for bit), tiny models through Triton + captured CUDA graphs against
 #      transformers, the sampler reading nothing back before its tokens;
 #   3. bench/device_parity.py --device cuda: float32 greedy tokens equal transformers' on the
 #      GPU (held), float32 batch invariance (held), bfloat16 agreement (reported);
@@ -48,7 +49,8 @@ transformers.__version__, "cuda", torch.cuda.is_available())' | tee -a "$OUT/sum
 
 step "the GPU path's tests on $DEVICE"
 RILLM_TEST_DEVICE="$DEVICE" $PY -m pytest -q -p no:cacheprovider \
-  tests/attention/test_triton_paged.py tests/worker/test_decode_graphs.py \
+  tests/attention/test_triton_paged.py tests/kernels/test_triton_ops.py \
+  tests/worker/test_decode_graphs.py \
   "tests/worker/test_sampler.py::test_the_unpruned_sampler_draws_the_same_tokens_without_reading_back" \
   > "$OUT/gpu_tests.log" 2>&1 || status=1
 tail -n 5 "$OUT/gpu_tests.log" | tee -a "$OUT/summary.txt"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -15,23 +17,24 @@ class Attention(nn.Module):
     request hit prefix blocks another request computes in the same step), then the step's
     backends over the paged cache."""
 
-    def __init__(self, backend: PagedAttention, scale: float, rotary_cache_write: bool,
+    def __init__(self, backend: PagedAttention, scale: float, rotary_cache_write: Any | None,
                  windowed: bool = False) -> None:
         super().__init__()
         self.backend = backend
         self.scale = scale
         self.windowed = windowed
         """Queries see only the backend's sliding window of keys (a local layer)."""
-        self.rotary_cache_write = rotary_cache_write
-        """rillm's C++ op for the rotation and the write: one op, the same arithmetic."""
+        self.ops = rotary_cache_write
+        """The plan's fused ops, whose `rotary_cache_write` does the rotation and the write as
+        one op, the same arithmetic (C++ on the CPU, Triton on CUDA); None: PyTorch's ops."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads, D]; k, v: [T, kv_heads, D]; rope: cos, sin [T, D]."""
         cos, sin = rope
-        if self.rotary_cache_write:
-            q = torch.ops.rillm.rotary_cache_write(
+        if self.ops is not None:
+            q = self.ops.rotary_cache_write(
                 q, k, v, cos, sin, cache.key, cache.value, metadata.slot_mapping)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -60,6 +61,26 @@ class KernelPlan:
     are on gguf_linear; fused_decode.py)."""
     argmax: bool
     """The sampler's argmax on rillm's kernel."""
+    triton: bool = False
+    """The fused ops (rotary + cache write, norms, activations) are Triton's
+    (rillm/kernels/triton_ops.py: a GPU) instead of rillm's C++ ops."""
+
+    def ops(self) -> Any:
+        """The namespace of the fused ops this plan runs (`rms_norm`, `rms_norm_scaled`,
+        `silu_mul`, `gelu_tanh_mul`, `rotary_cache_write`, the same signatures either way)."""
+        if self.triton:
+            from rillm.kernels import triton_ops
+
+            return triton_ops
+        return torch.ops.rillm
+
+    def rotary_ops(self) -> Any | None:
+        """`ops()` where the rotation and the cache write are one op, None otherwise."""
+        return self.ops() if self.rotary_cache_write else None
+
+    def norm_ops(self) -> Any | None:
+        """`ops()` where the norms and activations are fused, None where PyTorch runs them."""
+        return self.ops() if self.fused_norm else None
 
     def describe(self) -> str:
         def on(flag: bool) -> str:
@@ -68,7 +89,8 @@ class KernelPlan:
         return (f"decode={self.decode.value} prefill={self.prefill.value} "
                 f"linear={self.linear.value} rotary-cache-write={on(self.rotary_cache_write)} "
                 f"fused-norm={on(self.fused_norm)} fused-decode={on(self.fused_decode)} "
-                f"argmax={'cpp' if self.argmax else 'torch'}")
+                f"argmax={'cpp' if self.argmax else 'torch'}"
+                + (" fused-ops=triton" if self.triton else ""))
 
 
 TORCH_ONLY = KernelPlan(DecodeAttention.TORCH, PrefillAttention.TORCH_SDPA, LinearKernel.DENSE,
@@ -77,13 +99,23 @@ TORCH_ONLY = KernelPlan(DecodeAttention.TORCH, PrefillAttention.TORCH_SDPA, Line
 """PyTorch everywhere: no C++ compiler, `--no-cpu-kernels` (with dense weights), a GPU
 without Triton."""
 
-CUDA = replace(TORCH_ONLY, decode=DecodeAttention.TRITON, prefill=PrefillAttention.TRITON)
-"""A GPU: dense weights (a GGUF's blocks dequantized once at load), Triton paged attention,
-PyTorch for the rest; nothing CPU-specific."""
+CUDA = replace(TORCH_ONLY, decode=DecodeAttention.TRITON, prefill=PrefillAttention.TRITON,
+               rotary_cache_write=True, fused_norm=True, triton=True)
+"""A GPU: dense weights (a GGUF's blocks dequantized once at load), Triton paged attention and
+fused ops (rillm/kernels/triton_ops.py; the norms and activations outside float32, as on the
+CPU), cuBLAS for the matmuls; nothing CPU-specific."""
+
+
+def cuda_plan(dtype: torch.dtype) -> KernelPlan:
+    """`CUDA` for a model in `dtype`: float32 keeps PyTorch's norms and activations (their
+    summation order is the reference's); the rotation and cache write are exact either way."""
+    return replace(CUDA, fused_norm=dtype != torch.float32)
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
 
 
 def resolve_kernels(device: torch.device, dtype: torch.dtype, head_dim: int,
@@ -95,7 +127,7 @@ def resolve_kernels(device: torch.device, dtype: torch.dtype, head_dim: int,
     if device.type == "cuda":
         if gguf_blocks:
             raise ValueError("a GPU runs a GGUF's weights dequantized (quantization auto or none)")
-        return CUDA if triton_available() else TORCH_ONLY
+        return cuda_plan(dtype) if triton_available() else TORCH_ONLY
     blocks = LinearKernel.INT4_TORCH if gguf_blocks else LinearKernel.DENSE
     if device.type != "cpu" or not cpu_kernels or not load_cpu_kernels():
         return replace(TORCH_ONLY, linear=blocks)

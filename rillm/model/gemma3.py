@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,18 +33,19 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class GemmaRMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float, fused: bool) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float, ops: Any | None) -> None:
         super().__init__()
         self.scale = (1.0 + weight.float()).contiguous()
         """1 + w, in float32: what the reference multiplies by."""
         self.eps = eps
-        self.fused = fused
-        """rillm's C++ `rms_norm_scaled` (outside float32, on the CPU): one op instead of
-        eight, 109 of them a decode step; the float32 path keeps these."""
+        self.ops = ops
+        """The plan's fused ops (KernelPlan.norm_ops), whose `rms_norm_scaled` (outside
+        float32; C++ on the CPU, Triton on CUDA) is one op instead of eight, 109 of them a
+        decode step; None: PyTorch's (the float32 path)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.dim() in (2, 3) and x.stride(-1) == 1:
-            return torch.ops.rillm.rms_norm_scaled(x, self.scale, self.eps)
+        if self.ops is not None and x.dim() in (2, 3) and x.stride(-1) == 1:
+            return self.ops.rms_norm_scaled(x, self.scale, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * self.scale).to(x.dtype)
@@ -59,11 +61,11 @@ class Gemma3Attention(nn.Module):
         self.qkv_proj = checkpoint.linear(f"{prefix}.qkv_proj")
         self.o_proj = checkpoint.linear(f"{prefix}.o_proj")
         eps = config.rms_norm_eps
-        fused = plan.fused_norm
+        fused = plan.norm_ops()
         self.q_norm = GemmaRMSNorm(checkpoint.tensor(f"{prefix}.q_norm.weight"), eps, fused)
         self.k_norm = GemmaRMSNorm(checkpoint.tensor(f"{prefix}.k_norm.weight"), eps, fused)
         self.windowed = config.windowed(layer)
-        self.attn = Attention(attention, config.attention_scale, plan.rotary_cache_write,
+        self.attn = Attention(attention, config.attention_scale, plan.rotary_ops(),
                               self.windowed)
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache,
@@ -76,18 +78,18 @@ class Gemma3Attention(nn.Module):
 
 
 class Gemma3MLP(nn.Module):
-    def __init__(self, prefix: str, checkpoint: Checkpoint, fused: bool) -> None:
+    def __init__(self, prefix: str, checkpoint: Checkpoint, ops: Any | None) -> None:
         super().__init__()
         self.gate_up_proj = checkpoint.linear(f"{prefix}.gate_up_proj")
         self.down_proj = checkpoint.linear(f"{prefix}.down_proj")
-        self.fused = fused
-        """rillm's C++ `gelu_tanh_mul`: GELU(gate) * up in one pass and one rounding (bfloat16
-        on the CPU); the float32 path keeps PyTorch's."""
+        self.ops = ops
+        """The plan's fused ops, whose `gelu_tanh_mul` is GELU(gate) * up in one pass and one
+        rounding (bfloat16; C++ on the CPU, Triton on CUDA); None: PyTorch's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.fused and gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu":
-            return self.down_proj(torch.ops.rillm.gelu_tanh_mul(gate_up))
+        if self.ops is not None and gate_up.dtype == torch.bfloat16 and gate_up.dim() == 2:
+            return self.down_proj(self.ops.gelu_tanh_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
@@ -100,14 +102,14 @@ class Gemma3DecoderLayer(nn.Module):
 
         def norm(name: str) -> GemmaRMSNorm:
             return GemmaRMSNorm(checkpoint.tensor(f"{prefix}.{name}.weight"), eps,
-                                plan.fused_norm)
+                                plan.norm_ops())
 
         self.input_layernorm = norm("input_layernorm")
         self.self_attn = Gemma3Attention(config, layer, f"{prefix}.self_attn", checkpoint, plan,
                                          attention)
         self.post_attention_layernorm = norm("post_attention_layernorm")
         self.pre_feedforward_layernorm = norm("pre_feedforward_layernorm")
-        self.mlp = Gemma3MLP(f"{prefix}.mlp", checkpoint, plan.fused_norm)
+        self.mlp = Gemma3MLP(f"{prefix}.mlp", checkpoint, plan.norm_ops())
         self.post_feedforward_layernorm = norm("post_feedforward_layernorm")
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache,
@@ -131,7 +133,7 @@ class Gemma3Model(nn.Module):
             Gemma3DecoderLayer(config, i, checkpoint, plan, attention)
             for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(checkpoint.tensor("model.norm.weight"), config.rms_norm_eps,
-                                 plan.fused_norm)
+                                 plan.norm_ops())
         self.rotary_emb = RotaryEmbedding(config, checkpoint.device)
         local = replace(config, rope_theta=config.rope_local_theta or config.rope_theta,
                         rope_scaling=None)

@@ -12,6 +12,7 @@ and no padding:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,18 +30,20 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float, fused: bool) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float, ops: Any | None) -> None:
+        """`ops`: the plan's fused ops (KernelPlan.norm_ops), None for PyTorch's."""
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
-        self.fused = fused
-        """rillm's C++ `rms_norm` (outside float32, on the CPU): one op instead of eight, the
-        same roundings; only the squares are summed in another order, which is why the float32
-        path, the one held to transformers bit for bit, keeps these."""
+        self.ops = ops
+        self.fused = ops is not None
+        """rillm's fused `rms_norm` (outside float32; C++ on the CPU, Triton on CUDA): one op
+        instead of eight, the same roundings; only the squares are summed in another order,
+        which is why the float32 path, the one held to transformers bit for bit, keeps these."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.dim() == 2 and x.is_contiguous():
-            return torch.ops.rillm.rms_norm(x, self.weight, self.eps)
+        if self.ops is not None and x.dim() == 2 and x.is_contiguous():
+            return self.ops.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 whatever the weights' dtype, as the reference does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -71,11 +74,11 @@ class LlamaAttention(nn.Module):
         """The q, k, v widths of qkv_proj's output (this rank's)."""
         self.q_norm = self.k_norm = None
         if config.qk_norm:
-            eps, fused = config.rms_norm_eps, plan.fused_norm
+            eps, fused = config.rms_norm_eps, plan.norm_ops()
             self.q_norm = RMSNorm(checkpoint.tensor(f"{prefix}.q_norm.weight"), eps, fused)
             self.k_norm = RMSNorm(checkpoint.tensor(f"{prefix}.k_norm.weight"), eps, fused)
         layer = int(prefix.split(".")[2])  # model.layers.{i}.self_attn
-        self.attn = Attention(attention, config.attention_scale, plan.rotary_cache_write,
+        self.attn = Attention(attention, config.attention_scale, plan.rotary_ops(),
                               config.windowed(layer))
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache,
@@ -100,14 +103,15 @@ class LlamaMLP(nn.Module):
         else:
             self.gate_up_proj = checkpoint.linear(f"{prefix}.gate_up_proj")
             self.down_proj = checkpoint.linear(f"{prefix}.down_proj")
-        self.fused = plan.fused_norm
-        """rillm's C++ `silu_mul`: SiLU(gate) * up in one pass and one rounding, for bfloat16
+        self.ops = plan.norm_ops()
+        self.fused = self.ops is not None
+        """rillm's fused `silu_mul`: SiLU(gate) * up in one pass and one rounding, for bfloat16
         activations (decode_layer uses it too)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.fused and gate_up.dtype == torch.bfloat16 and gate_up.dim() == 2:
-            return all_reduce(self.down_proj(torch.ops.rillm.silu_mul(gate_up)), self.shard)
+        if self.ops is not None and gate_up.dtype == torch.bfloat16 and gate_up.dim() == 2:
+            return all_reduce(self.down_proj(self.ops.silu_mul(gate_up)), self.shard)
         gate, up = gate_up.chunk(2, dim=-1)
         return all_reduce(self.down_proj(F.silu(gate) * up), self.shard)
 
@@ -118,12 +122,12 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(checkpoint.tensor(f"{prefix}.input_layernorm.weight"),
-                                       eps, plan.fused_norm)
+                                       eps, plan.norm_ops())
         self.self_attn = LlamaAttention(config, f"{prefix}.self_attn", checkpoint, plan,
                                         attention)
         self.post_attention_layernorm = RMSNorm(
             checkpoint.tensor(f"{prefix}.post_attention_layernorm.weight"), eps,
-            plan.fused_norm)
+            plan.norm_ops())
         self.mlp = LlamaMLP(f"{prefix}.mlp", checkpoint, plan, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache,
@@ -158,7 +162,7 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(checkpoint.tensor("model.norm.weight"), config.rms_norm_eps,
-                            plan.fused_norm)
+                            plan.norm_ops())
         self.rotary_emb = RotaryEmbedding(config, checkpoint.device)
         self.fused_decode = (_fused_decode(self.layers, config)
                              if plan.fused_decode and not checkpoint.shard.parallel else None)

@@ -19,7 +19,7 @@ def kernels():
 @pytest.mark.parametrize("rows", [1, 8, 300])
 def test_rms_norm_equals_the_pytorch_path_but_for_the_order_of_a_sum(dtype, rows):
     gen = torch.Generator().manual_seed(rows)
-    norm = RMSNorm((torch.rand(576, generator=gen) + 0.5).to(dtype), 1e-5, fused=False)
+    norm = RMSNorm((torch.rand(576, generator=gen) + 0.5).to(dtype), 1e-5, ops=None)
     x = (4 * torch.randn(rows, 576, generator=gen)).to(dtype)
     expected = norm(x)
     ours = torch.ops.rillm.rms_norm(x, norm.weight, norm.eps)
@@ -45,7 +45,7 @@ def test_gemma_rms_norm_equals_the_pytorch_path_but_for_the_order_of_a_sum(dtype
     """Gemma's order (float32 1 + w, one rounding), on rows as they lie: q heads sliced out of
     a fused QKV output are not contiguous."""
     gen = torch.Generator().manual_seed(len(shape))
-    norm = GemmaRMSNorm(torch.randn(shape[-1], generator=gen) * 0.3, 1e-6, fused=False)
+    norm = GemmaRMSNorm(torch.randn(shape[-1], generator=gen) * 0.3, 1e-6, ops=None)
     if len(shape) == 3:
         qkv = (4 * torch.randn(shape[0], shape[1] + 2, shape[2], generator=gen)).to(dtype)
         x = qkv[:, : shape[1]]

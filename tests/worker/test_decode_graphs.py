@@ -6,6 +6,7 @@ RILLM_TEST_DEVICE=cuda) the same tests capture and replay real graphs."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ if DEVICE.type == "cpu":
 from rillm.attention import PagedAttention  # noqa: E402
 from rillm.config import EngineConfig  # noqa: E402
 from rillm.engine.llm_engine import LLMEngine  # noqa: E402
-from rillm.kernels.plan import CUDA  # noqa: E402
+from rillm.kernels.plan import KernelPlan, cuda_plan  # noqa: E402
 from rillm.loader import load_model  # noqa: E402
 from rillm.model.builder import build_model  # noqa: E402
 from rillm.sampling_params import SamplingParams  # noqa: E402
@@ -35,20 +36,22 @@ CASES = {
 }
 
 
-def gpu_path_engine(path: str, max_batch: int = 4) -> LLMEngine:
-    """An engine whose runner is the one a GPU gets: the CUDA plan's Triton backends and static
-    decode steps (CUDA graphs on a GPU; the padded step run eagerly on a CPU)."""
-    config = EngineConfig(model=path, device=str(DEVICE), dtype="float32", num_kv_blocks=48,
-                          block_size=4, max_model_len=96, max_num_seqs=max_batch,
-                          enforce_eager=True)
+def gpu_path_engine(path: str, max_batch: int = 4, dtype: torch.dtype = torch.float32,
+                    plan: KernelPlan | None = None) -> LLMEngine:
+    """An engine whose runner is the one a GPU gets: the CUDA plan (Triton attention and fused
+    ops) and static decode steps (CUDA graphs on a GPU; the padded step run eagerly here)."""
+    config = EngineConfig(model=path, device=str(DEVICE), dtype=str(dtype).split(".")[1],
+                          num_kv_blocks=48, block_size=4, max_model_len=96,
+                          max_num_seqs=max_batch, enforce_eager=True)
     engine = LLMEngine(config)
     loaded = load_model(path)
     arch = loaded.config
-    attention = PagedAttention.for_plan(CUDA, 4, torch.float32, DEVICE, arch.sliding_window)
-    model = build_model(arch, loaded.weights, torch.float32, DEVICE, CUDA, attention)
+    plan = plan or cuda_plan(dtype)
+    attention = PagedAttention.for_plan(plan, 4, dtype, DEVICE, arch.sliding_window)
+    model = build_model(arch, loaded.weights, dtype, DEVICE, plan, attention)
     static = StaticDecode(max_batch=max_batch, max_blocks=96 // 4,
                           capture=DEVICE.type == "cuda")
-    engine.runner = ModelRunner(model, attention, arch, 48, 4, torch.float32, DEVICE,
+    engine.runner = ModelRunner(model, attention, arch, 48, 4, dtype, DEVICE,
                                 static_decode=static)
     if engine.runner.graphs is not None:
         engine.runner.graphs.capture()
@@ -91,6 +94,25 @@ def test_the_gpu_path_gives_transformers_logits_and_greedy_tokens(tmp_path, smol
                                      do_sample=False, min_new_tokens=20, pad_token_id=0)
         expected.append(out[0, len(prompt):].tolist())
     assert generate(engine, prompts, 20) == expected
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma3"])
+def test_bfloat16_with_fused_ops_stays_with_pytorchs_ops(tmp_path, smollm_tokenizer, case):
+    """bfloat16, the GPU's default: the Triton norms, activations and rotation against the same
+    step on PyTorch's ops (each a rounding or a summation order apart)."""
+    model_type, overrides = CASES[case]
+    save_tiny(tmp_path, smollm_tokenizer, model_type, overrides)
+    tokens = torch.randint(3, VOCAB, (37,), generator=torch.Generator().manual_seed(2)).tolist()
+    fused = gpu_path_engine(str(tmp_path), dtype=torch.bfloat16)
+    assert fused.runner.model.model.layers[0].mlp.ops is not None
+    plain = gpu_path_engine(str(tmp_path), dtype=torch.bfloat16,
+                            plan=replace(cuda_plan(torch.bfloat16), fused_norm=False,
+                                         rotary_cache_write=False))
+    ours, theirs = (rillm_logits(e, tokens, chunk=16).cpu() for e in (fused, plain))
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean()
+    assert agree >= 0.9
+    torch.testing.assert_close(ours, theirs, atol=0.15, rtol=0.05)
+    assert generate(fused, [tokens[:12]], 12)[0][:4] == generate(plain, [tokens[:12]], 12)[0][:4]
 
 
 def test_padding_rows_touch_only_the_scratch_block(tmp_path, smollm_tokenizer):
