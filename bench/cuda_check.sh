@@ -75,8 +75,10 @@ grep -v "GGUF tensors" "$OUT/gpu_decode.log" | tail -n 16 | tee -a "$OUT/summary
 
 step "serve: rillm serve --device $DEVICE"
 PORT=8765
-$PY -m rillm.cli serve "$MODEL" --device "$DEVICE" --port $PORT \
-  --served-model-name SmolLM2-135M-Instruct > "$OUT/serve.log" 2>&1 &
+# c=128 needs 128 sequences a step; a GPU takes larger steps than the CPU defaults allow.
+$PY -m rillm.cli serve "$MODEL" --device "$DEVICE" --port $PORT --max-num-seqs 128 \
+  --max-num-batched-tokens 4096 --served-model-name SmolLM2-135M-Instruct \
+  > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 for _ in $(seq 1 240); do
   curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break

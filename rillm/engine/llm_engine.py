@@ -184,7 +184,12 @@ class LLMEngine:
             num_kv_heads=built.num_kv_heads, group=self.group, static_decode=static,
         )
         if self.runner.graphs is not None:
-            self.runner.graphs.capture()
+            try:
+                self.runner.graphs.capture()
+            except Exception:  # a GPU or driver the capture fails on still serves, eagerly
+                logger.exception("rillm: capturing CUDA graphs failed; decode steps run "
+                                 "eagerly (slower; --enforce-eager skips the attempt)")
+                self.runner.graphs = None
         self.grammars = GrammarCompiler(
             self.tokenizer, loaded.config.vocab_size, loaded.config.eos_token_ids
         )
