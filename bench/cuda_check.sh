@@ -12,7 +12,8 @@
 #   4. bench/gpu_attention.py (Triton against PyTorch's gather/SDPA, µs a layer) and
 #      bench/gpu_decode.py (the c=1 step against weights-read-once at the measured bandwidth,
 #      with and without graphs; rillm and transformers' static batch at c=1/8/32/128);
-#   5. `rillm serve --device cuda` starts (its log lines), and the streaming contract and
+#   5. `rillm serve --device cuda` starts (its log lines; on CUDA its steps default to 256
+#      sequences, 8192 tokens), and the streaming contract and
 #      openai SDK tests run with every server they start on the GPU (RILLM_TEST_DEVICE);
 #   6. `rillm bench serve` at c=1/8/32/128 (128 in, 128 out) against that server;
 #   7. nvidia-smi's view of the card and the server's GPU memory.
@@ -75,10 +76,8 @@ grep -v "GGUF tensors" "$OUT/gpu_decode.log" | tail -n 16 | tee -a "$OUT/summary
 
 step "serve: rillm serve --device $DEVICE"
 PORT=8765
-# c=128 needs 128 sequences a step; a GPU takes larger steps than the CPU defaults allow.
-$PY -m rillm.cli serve "$MODEL" --device "$DEVICE" --port $PORT --max-num-seqs 128 \
-  --max-num-batched-tokens 4096 --served-model-name SmolLM2-135M-Instruct \
-  > "$OUT/serve.log" 2>&1 &
+$PY -m rillm.cli serve "$MODEL" --device "$DEVICE" --port $PORT \
+  --served-model-name SmolLM2-135M-Instruct > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 for _ in $(seq 1 240); do
   curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break

@@ -210,8 +210,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="sequences in one step (default: 64 on the CPU, 256 on CUDA)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens in one step (default: 1024 on the CPU, 8192 on CUDA)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-space", type=float, default=0.5, metavar="GIB",
                         help="memory for the KV cache in GiB")
@@ -240,15 +242,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine settings from the command line."""
-    from rillm.config import EngineConfig
+    from rillm.config import STEP_DEFAULTS, EngineConfig
 
+    seqs, tokens = STEP_DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
     return EngineConfig(
         model=getattr(args, "model_path", None) or args.model,
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=seqs if args.max_num_seqs is None else args.max_num_seqs,
+        max_num_batched_tokens=(tokens if args.max_num_batched_tokens is None
+                                else args.max_num_batched_tokens),
         block_size=args.block_size,
         kv_cache_space_gib=args.kv_cache_space,
         enable_prefix_caching=args.enable_prefix_caching,

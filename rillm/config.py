@@ -15,6 +15,11 @@ DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "hal
                  "fp16": "float16"}
 
 
+STEP_DEFAULTS = {"cpu": (64, 1024), "cuda": (256, 8192)}
+"""(max_num_seqs, max_num_batched_tokens) the command line gives a device when not told: a
+GPU's steps are wider (vLLM's GPU defaults); EngineConfig's own defaults are the CPU's."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None

@@ -44,3 +44,22 @@ def test_ready_in_counts_from_the_process_start():
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                timeout=60, check=True).stdout)
     assert 0.5 <= age < 30
+
+
+def test_step_sizes_default_by_device_and_stay_when_given():
+    """`rillm serve --device cuda` steps wider than the CPU (vLLM's GPU defaults); a flag given
+    is kept, a bad one still refused by the engine's config."""
+    import pytest
+
+    from rillm.cli import build_parser, engine_config
+
+    def config(*argv):
+        return engine_config(build_parser().parse_args(["serve", *argv]))
+
+    cpu, cuda = config(), config("--device", "cuda")
+    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (64, 1024)
+    assert (cuda.max_num_seqs, cuda.max_num_batched_tokens) == (256, 8192)
+    given = config("--device", "cuda:1", "--max-num-seqs", "8", "--max-num-batched-tokens", "512")
+    assert (given.max_num_seqs, given.max_num_batched_tokens) == (8, 512)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        config("--max-num-seqs", "0")
