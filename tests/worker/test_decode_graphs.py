@@ -72,7 +72,14 @@ def generate(engine: LLMEngine, prompts: list[list[int]], steps: int) -> list[li
     return [tokens[str(i)] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("case", list(CASES))
+SLOW_ON_CPU = pytest.mark.slow if DEVICE.type == "cpu" else ()
+"""Gemma's cases take 8-10 s each in Triton's interpreter: `make test-all` runs them here (the
+fused Gemma ops are checked one by one in tests/kernels/test_triton_ops.py); a GPU runs them
+always."""
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=SLOW_ON_CPU) if c == "gemma3" else c
+                                  for c in CASES])
 def test_the_gpu_path_gives_transformers_logits_and_greedy_tokens(tmp_path, smollm_tokenizer,
                                                                   case):
     model_type, overrides = CASES[case]
@@ -99,7 +106,7 @@ def test_the_gpu_path_gives_transformers_logits_and_greedy_tokens(tmp_path, smol
     assert generate(engine, prompts, 20) == expected
 
 
-@pytest.mark.parametrize("case", ["llama", "gemma3"])
+@pytest.mark.parametrize("case", ["llama", pytest.param("gemma3", marks=SLOW_ON_CPU)])
 def test_bfloat16_with_fused_ops_stays_with_pytorchs_ops(tmp_path, smollm_tokenizer, case):
     """bfloat16, the GPU's default: the Triton norms, activations and rotation against the same
     step on PyTorch's ops (each a rounding or a summation order apart)."""
