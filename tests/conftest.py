@@ -6,7 +6,14 @@ installs) is loaded once per session; engines built from it copy its weights.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+if os.environ.get("RILLM_TEST_DEVICE", "cpu") == "cpu":
+    # The GPU path's Triton kernels run in Triton's interpreter here (numpy on the CPU). Triton
+    # reads this when a kernel is decorated, its standard library's included, so it is set
+    # before anything imports triton (xgrammar does).
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 

@@ -6,7 +6,8 @@ in one, which is most of what a CUDA graph then replays:
 
 - `rms_norm(x, weight, eps)`: weight * (x * rsqrt(mean(x^2) + eps)), normalised in float32,
   rounded to x's dtype before the weight's multiply, as PyTorch's path (only the squares' sum
-  is ordered otherwise, so the float32 path keeps PyTorch's);
+  is ordered otherwise, so the float32 path keeps PyTorch's); `add_rms_norm(x, residual,
+  weight, eps)` adds the residual first and returns the sum too (a layer's second norm);
 - `rms_norm_scaled(x, scale, eps)`: Gemma's, (x * rsqrt(...)) * scale all in float32, one
   rounding; x [rows, dim] or [a, b, dim] with a dense last dimension;
 - `silu_mul(gate_up)`, `gelu_tanh_mul(gate_up)`: act(gate) * up of [T, 2I] -> [T, I], one
@@ -60,6 +61,36 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scaled: bool) -> to
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _norm(x, weight, eps, scaled=False)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, eps, dim,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK)
+    ok = d < dim
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * dim + d, mask=ok, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * dim + d, mask=ok, other=0.0).to(tl.float32)
+    h = (x + r).to(dtype)  # the residual stream, rounded as PyTorch's add rounds it
+    tl.store(sum_ptr + row * dim + d, h, mask=ok)
+    h32 = h.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h32 * h32, axis=0) / dim + eps)
+    w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
+    y = (h32 * rstd).to(dtype).to(tl.float32) * w
+    tl.store(out_ptr + row * dim + d, y.to(dtype), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + residual, and rms_norm(h): (normalised, h), one kernel instead of two."""
+    assert x.dim() == 2 and x.is_contiguous() and residual.is_contiguous()
+    rows, dim = x.shape
+    out, total = torch.empty_like(x), torch.empty_like(x)
+    if rows:
+        _add_rms_norm_kernel[(rows,)](x, residual, weight, out, total, eps, dim,
+                                      BLOCK=triton.next_power_of_2(dim))
+    return out, total
 
 
 def rms_norm_scaled(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:

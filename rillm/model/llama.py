@@ -37,9 +37,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.ops = ops
         self.fused = ops is not None
+        self._add_norm = getattr(ops, "add_rms_norm", None) if ops is not None else None
+        """The residual add and the norm as one op, where the fused ops have it (Triton's)."""
         """rillm's fused `rms_norm` (outside float32; C++ on the CPU, Triton on CUDA): one op
         instead of eight, the same roundings; only the squares are summed in another order,
         which is why the float32 path, the one held to transformers bit for bit, keeps these."""
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): one kernel where the fused ops have it (Triton's),
+        the sum rounded as PyTorch's add rounds it."""
+        if self._add_norm is not None and x.dim() == 2 and x.is_contiguous():
+            return self._add_norm(x, residual, self.weight, self.eps)  # type: ignore[no-any-return]
+        h = x + residual
+        return self(h), h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ops is not None and x.dim() == 2 and x.is_contiguous():
@@ -132,8 +142,9 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rope, cache, metadata)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        normed, h = self.post_attention_layernorm.add(
+            self.self_attn(self.input_layernorm(x), rope, cache, metadata), x)
+        return h + self.mlp(normed)
 
     def fused_decode_weights(self) -> FusedLayerWeights | None:
         """This layer's weights for FusedDecode, or None where decode_layer does not compute

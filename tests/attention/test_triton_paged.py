@@ -12,12 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-DEVICE = torch.device(os.environ.get("RILLM_TEST_DEVICE", "cpu"))
-if DEVICE.type == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated (first import)
+from rillm.attention import KVCache, PagedAttention, SequenceGroup
+from rillm.attention.backends import TritonDecode, TritonPrefill
 
-from rillm.attention import KVCache, PagedAttention, SequenceGroup  # noqa: E402
-from rillm.attention.backends import TritonDecode, TritonPrefill  # noqa: E402
+DEVICE = torch.device(os.environ.get("RILLM_TEST_DEVICE", "cpu"))  # cpu: Triton's interpreter
 
 
 def reference(q, keys, values, scale, window=0):

@@ -11,21 +11,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-DEVICE = torch.device(os.environ.get("RILLM_TEST_DEVICE", "cpu"))
-if DEVICE.type == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated (first import)
+from rillm.attention import PagedAttention
+from rillm.config import EngineConfig
+from rillm.engine.llm_engine import LLMEngine
+from rillm.kernels.plan import KernelPlan, cuda_plan
+from rillm.loader import load_model
+from rillm.model.builder import build_model
+from rillm.sampling_params import SamplingParams
+from rillm.worker.decode_graphs import StaticDecode, batch_sizes
+from rillm.worker.model_runner import ModelRunner
+from tests.model.test_llama_parity import CASES as PARITY_CASES
+from tests.model.test_llama_parity import VOCAB, rillm_logits, save_tiny
 
-from rillm.attention import PagedAttention  # noqa: E402
-from rillm.config import EngineConfig  # noqa: E402
-from rillm.engine.llm_engine import LLMEngine  # noqa: E402
-from rillm.kernels.plan import KernelPlan, cuda_plan  # noqa: E402
-from rillm.loader import load_model  # noqa: E402
-from rillm.model.builder import build_model  # noqa: E402
-from rillm.sampling_params import SamplingParams  # noqa: E402
-from rillm.worker.decode_graphs import StaticDecode, batch_sizes  # noqa: E402
-from rillm.worker.model_runner import ModelRunner  # noqa: E402
-from tests.model.test_llama_parity import CASES as PARITY_CASES  # noqa: E402
-from tests.model.test_llama_parity import VOCAB, rillm_logits, save_tiny  # noqa: E402
+DEVICE = torch.device(os.environ.get("RILLM_TEST_DEVICE", "cpu"))  # cpu: Triton's interpreter
 
 CASES = {
     "llama": ("llama", {}),
