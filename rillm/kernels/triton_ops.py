@@ -5,8 +5,9 @@ a dozen on the rotary embedding and the cache write, three on SiLU(gate) * up. T
 in one, which is most of what a CUDA graph then replays:
 
 - `rms_norm(x, weight, eps)`: weight * (x * rsqrt(mean(x^2) + eps)), normalised in float32,
-  rounded to x's dtype before the weight's multiply, as PyTorch's path (only the squares' sum
-  is ordered otherwise, so the float32 path keeps PyTorch's); `add_rms_norm(x, residual,
+  rounded to x's dtype before the weight's multiply, as PyTorch's path (the squares' sum is
+  ordered otherwise and the square root and division are a few float32 ulps from PyTorch's,
+  so the float32 path keeps PyTorch's); `add_rms_norm(x, residual,
   weight, eps)` adds the residual first and returns the sum too (a layer's second norm);
 - `rms_norm_scaled(x, scale, eps)`: Gemma's, (x * rsqrt(...)) * scale all in float32, one
   rounding; x [rows, dim] or [a, b, dim] with a dense last dimension;
@@ -106,9 +107,9 @@ def _act_mul_kernel(gate_up_ptr, out_ptr, width, stride_row, GELU: tl.constexpr,
     gate = tl.load(gate_up_ptr + row * stride_row + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_row + width + cols, mask=ok,
                  other=0.0).to(tl.float32)
-    if GELU:  # tanh approximation; tanh(a) = 1 - 2 / (exp(2a) + 1)
+    if GELU:  # tanh approximation: 0.5 g (1 + tanh(a)) = g * sigmoid(2a)
         a = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * a) + 1.0))
+        act = gate / (1.0 + tl.exp(-2.0 * a))
     else:
         act = gate / (1.0 + tl.exp(-gate))
     tl.store(out_ptr + row * width + cols, (act * up).to(out_ptr.dtype.element_ty), mask=ok)

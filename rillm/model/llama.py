@@ -37,16 +37,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.ops = ops
         self.fused = ops is not None
+        """rillm's fused `rms_norm` (outside float32; C++ on the CPU, Triton on CUDA): one op
+        instead of eight, the same roundings; only the squares are summed in another order
+        (and Triton's square root and division are a few float32 ulps from PyTorch's), which is
+        why the float32 path, the one held to transformers bit for bit, keeps these."""
         self._add_norm = getattr(ops, "add_rms_norm", None) if ops is not None else None
         """The residual add and the norm as one op, where the fused ops have it (Triton's)."""
-        """rillm's fused `rms_norm` (outside float32; C++ on the CPU, Triton on CUDA): one op
-        instead of eight, the same roundings; only the squares are summed in another order,
-        which is why the float32 path, the one held to transformers bit for bit, keeps these."""
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): one kernel where the fused ops have it (Triton's),
         the sum rounded as PyTorch's add rounds it."""
-        if self._add_norm is not None and x.dim() == 2 and x.is_contiguous():
+        if (self._add_norm is not None and x.dim() == 2 and x.is_contiguous()
+                and residual.is_contiguous() and residual.dtype == x.dtype):
             return self._add_norm(x, residual, self.weight, self.eps)  # type: ignore[no-any-return]
         h = x + residual
         return self(h), h

@@ -10,8 +10,8 @@ from rillm.parsers.tool_calls import TOOL_CALL_PARSERS
 from rillm.server.connections import ConnectionLimits
 
 DEFAULT_MAX_QUEUED = 256
-"""--max-queued-requests: sequences that may wait beyond the batch before a 429 (four
-default batches; Ollama's queue holds 512 requests)."""
+"""--max-queued-requests: sequences that may wait beyond the batch before a 429 (four of the
+CPU's default batches, one of CUDA's; Ollama's queue holds 512 requests)."""
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 """--max-request-body-bytes: 8 MiB, some 2 million tokens of text or ~1 million token ids."""
