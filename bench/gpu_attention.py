@@ -49,25 +49,17 @@ def case(device: torch.device, batch: int, context: int, queries: int,
     group = SequenceGroup(num_new, starts, offsets, order)
     q = torch.randn(batch * queries, HEADS, DIM, device=device, dtype=dtype)
     slots = torch.zeros(batch * queries, dtype=torch.int64, device=device)
+    decode = queries == 1
+    torch_name = "torch-gather" if decode else "torch-sdpa"
+    pairs = {"triton": PagedAttention(TritonDecode(BLOCK, device), TritonPrefill(BLOCK, device)),
+             torch_name: PagedAttention(TorchDecode(BLOCK, dtype, device),
+                                        TorchPrefill(BLOCK, device))}
     results = {}
-    if queries == 1:
-        pairs = {"triton": PagedAttention(TritonDecode(BLOCK, device),
-                                          TritonPrefill(BLOCK, device)),
-                 "torch-gather": PagedAttention(TorchDecode(BLOCK, dtype, device),
-                                                TorchPrefill(BLOCK, device))}
-        for name, attention in pairs.items():
-            metadata = attention.build(slots, group, None)
-            results[name] = timed(lambda a=attention, m=metadata: a.forward(
-                q, cache, m, DIM**-0.5), device)
-    else:
-        pairs = {"triton": PagedAttention(TritonDecode(BLOCK, device),
-                                          TritonPrefill(BLOCK, device)),
-                 "torch-sdpa": PagedAttention(TorchDecode(BLOCK, dtype, device),
-                                              TorchPrefill(BLOCK, device))}
-        for name, attention in pairs.items():
-            metadata = attention.build(slots, None, group)
-            results[name] = timed(lambda a=attention, m=metadata: a.forward(
-                q, cache, m, DIM**-0.5), device)
+    for name, attention in pairs.items():
+        metadata = (attention.build(slots, group, None) if decode
+                    else attention.build(slots, None, group))
+        results[name] = timed(lambda a=attention, m=metadata: a.forward(
+            q, cache, m, DIM**-0.5), device)
     return results
 
 
