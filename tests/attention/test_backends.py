@@ -15,15 +15,20 @@ HEADS, KV_HEADS, DIM, BLOCK = 6, 2, 16, 4
 CPU = torch.device("cpu")
 
 
-def reference(q, keys, values, scale):
-    """q: [Q, H, D] the last Q positions of keys/values [L, Hkv, D], causal."""
-    group = HEADS // KV_HEADS
+def reference(q, keys, values, scale, window=0):
+    """q: [Q, H, D] the last Q positions of keys/values [L, Hkv, D], causal (each query seeing
+    its last `window` keys only, where set)."""
+    group = q.shape[1] // keys.shape[1]
     k = keys.repeat_interleave(group, dim=1).transpose(0, 1)
     v = values.repeat_interleave(group, dim=1).transpose(0, 1)
     length, q_len = keys.shape[0], q.shape[0]
-    mask = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]
+    key_pos = torch.arange(length)[None, :]
+    query_pos = torch.arange(length - q_len, length)[:, None]
+    mask = key_pos <= query_pos
+    if window:
+        mask &= key_pos > query_pos - window
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1).reshape(q_len, HEADS * DIM)
+    return out.transpose(0, 1).reshape(q_len, -1)
 
 
 def attention_with(decode: str, dtype: torch.dtype) -> PagedAttention:
@@ -34,17 +39,20 @@ def attention_with(decode: str, dtype: torch.dtype) -> PagedAttention:
     return PagedAttention(TorchDecode(BLOCK, dtype, CPU), TorchPrefill(BLOCK, CPU))
 
 
-def make_step(dtype, sequences, gen):
-    """`sequences`: (keys, queries, block table) each; their K/V written to a cache, their
-    queries laid out back to back -> (cache, q, per-sequence (k, v, q rows), groups)."""
-    cache = KVCache(16, BLOCK, KV_HEADS, DIM, dtype, CPU)
+def make_step(dtype, sequences, gen, *, heads=HEADS, kv_heads=KV_HEADS, dim=DIM, block=BLOCK,
+              device=CPU):
+    """`sequences`: (keys, queries, block table) each; their K/V written to a cache on
+    `device`, their queries laid out back to back -> (cache, q, per-sequence (k, v, q rows),
+    groups); q, k and v on the CPU."""
+    num_blocks = max(16, 1 + max(max(t) for _, _, t in sequences))
+    cache = KVCache(num_blocks, block, kv_heads, dim, dtype, device)
     qs, expected_inputs, offset = [], [], 0
     for length, q_len, table in sequences:
-        k = torch.randn(length, KV_HEADS, DIM, generator=gen).to(dtype)
-        v = torch.randn(length, KV_HEADS, DIM, generator=gen).to(dtype)
-        slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)])
-        cache.write(slots, k, v)
-        qs.append(torch.randn(q_len, HEADS, DIM, generator=gen).to(dtype))
+        k = torch.randn(length, kv_heads, dim, generator=gen).to(dtype)
+        v = torch.randn(length, kv_heads, dim, generator=gen).to(dtype)
+        slots = torch.tensor([table[p // block] * block + p % block for p in range(length)])
+        cache.write(slots.to(device), k.to(device), v.to(device))
+        qs.append(torch.randn(q_len, heads, dim, generator=gen).to(dtype))
         expected_inputs.append((k, v, slice(offset, offset + q_len)))
         offset += q_len
     max_blocks = max(len(t) for _, _, t in sequences)

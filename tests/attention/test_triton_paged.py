@@ -10,70 +10,30 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from rillm.attention import KVCache, PagedAttention, SequenceGroup
+from rillm.attention import PagedAttention
 from rillm.attention.backends import TritonDecode, TritonPrefill
+from tests.attention.test_backends import make_step, reference
 
 DEVICE = torch.device(os.environ.get("RILLM_TEST_DEVICE", "cpu"))  # cpu: Triton's interpreter
 
 
-def reference(q, keys, values, scale, window=0):
-    """q: [Q, H, D] the last Q positions of keys/values [L, Hkv, D], causal (windowed)."""
-    group = q.shape[1] // keys.shape[1]
-    k = keys.repeat_interleave(group, dim=1).transpose(0, 1)
-    v = values.repeat_interleave(group, dim=1).transpose(0, 1)
-    length, q_len = keys.shape[0], q.shape[0]
-    key_pos = torch.arange(length)[None, :]
-    query_pos = torch.arange(length - q_len, length)[:, None]
-    mask = key_pos <= query_pos
-    if window:
-        mask &= key_pos > query_pos - window
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1).reshape(q_len, -1)
-
-
-def run_step(sequences, *, heads, kv_heads, dim, block, dtype, window=0, seed=0):
-    """`sequences`: (keys, queries, block table) each. Writes their K/V, runs one step through
-    the Triton backends and returns (out, per-sequence (q, k, v, rows))."""
-    gen = torch.Generator().manual_seed(seed)
-    num_blocks = 1 + max(max(t) for _, _, t in sequences)
-    cache = KVCache(num_blocks, block, kv_heads, dim, dtype, DEVICE)
-    qs, inputs, offset = [], [], 0
-    for length, q_len, table in sequences:
-        k = torch.randn(length, kv_heads, dim, generator=gen).to(dtype)
-        v = torch.randn(length, kv_heads, dim, generator=gen).to(dtype)
-        slots = torch.tensor([table[p // block] * block + p % block for p in range(length)])
-        cache.write(slots.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
-        q = torch.randn(q_len, heads, dim, generator=gen).to(dtype)
-        qs.append(q)
-        inputs.append((q, k, v, slice(offset, offset + q_len)))
-        offset += q_len
-    width = max(len(t) for _, _, t in sequences)
-    tables = torch.tensor([t + [0] * (width - len(t)) for _, _, t in sequences])
-    num_new = torch.tensor([q_len for _, q_len, _ in sequences])
-    starts = torch.tensor([length for length, _, _ in sequences]) - num_new
-    offsets = torch.cumsum(num_new, 0) - num_new
-
-    def group(rows):
-        return (SequenceGroup(num_new[rows], starts[rows], offsets[rows], tables[rows])
-                if rows.any() else None)
-
+def check(sequences, dtype=torch.float32, window=0, heads=6, kv_heads=2, dim=16, block=4):
+    """One step of `sequences` (keys, queries, block table) through the Triton backends on
+    DEVICE (test_backends.py's harness), each sequence's rows against dense attention."""
+    gen = torch.Generator().manual_seed(0)
+    cache, q, inputs, (decodes, prefills) = make_step(
+        dtype, sequences, gen, heads=heads, kv_heads=kv_heads, dim=dim, block=block,
+        device=DEVICE)
     attention = PagedAttention(TritonDecode(block, DEVICE, window or None),
                                TritonPrefill(block, DEVICE, window or None))
-    metadata = attention.build(torch.zeros(offset, dtype=torch.int64, device=DEVICE),
-                               group(num_new == 1), group(num_new > 1))
-    out = attention.forward(torch.cat(qs).to(DEVICE), cache, metadata, dim**-0.5,
-                            windowed=bool(window))
-    return out.cpu(), inputs
-
-
-def check(sequences, dtype=torch.float32, window=0, heads=6, kv_heads=2, dim=16, block=4):
-    out, inputs = run_step(sequences, heads=heads, kv_heads=kv_heads, dim=dim, block=block,
-                           dtype=dtype, window=window)
+    metadata = attention.build(torch.zeros(len(q), dtype=torch.int64, device=DEVICE),
+                               decodes, prefills)
+    out = attention.forward(q.to(DEVICE), cache, metadata, dim**-0.5,
+                            windowed=bool(window)).cpu()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for q, k, v, rows in inputs:
-        expected = reference(q.float(), k.float(), v.float(), dim**-0.5, window)
+    for k, v, rows in inputs:
+        expected = reference(q[rows].float(), k.float(), v.float(), dim**-0.5, window)
         torch.testing.assert_close(out[rows].float(), expected, rtol=tol, atol=tol)
 
 
