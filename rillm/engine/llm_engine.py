@@ -143,10 +143,11 @@ class LLMEngine:
         self.model_config: ModelArchConfig = loaded.config
         self.tokenizer = loaded.tokenizer
         self.chat_template = loaded.chat_template
-        if torch.device(config.device).type == "cuda" and torch.device(config.device).index:
+        requested = torch.device(config.device)
+        if requested.type == "cuda" and requested.index:
             # Triton launches and graph captures go to the thread's current device; the
             # engine builds and steps in one thread (AsyncEngine's loop).
-            torch.cuda.set_device(torch.device(config.device))
+            torch.cuda.set_device(requested)
         built = build_for_engine(config, loaded, Shard(0, world))
         model, attention, plan = built.model, built.attention, built.plan
         device, self.dtype = built.device, built.dtype

@@ -116,8 +116,6 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-
-
 def resolve_kernels(device: torch.device, dtype: torch.dtype, head_dim: int,
                     gguf_blocks: bool, cpu_kernels: bool, fusable_layers: bool) -> KernelPlan:
     """The plan for a model of `head_dim` in `dtype` on `device`. `gguf_blocks`: the model

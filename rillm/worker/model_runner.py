@@ -101,11 +101,7 @@ class ModelRunner:
         of the last token of each request that samples, or of every token if `all_tokens`."""
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # a server steps in its own thread
-        return self.logits(self.step_inputs(scheduled), all_tokens)
-
-    @torch.inference_mode()
-    def logits(self, step: StepInputs, all_tokens: bool = False) -> torch.Tensor:
-        """`forward` of a step already made plain lists."""
+        step = self.step_inputs(scheduled)
         if self.group is not None:
             self.group.broadcast(step)
         if self.graphs is not None and not all_tokens and self.graphs.takes(step.num_new):

@@ -161,9 +161,7 @@ def _sample(logits: Tensor, batch: SamplingBatch,
         _mask_top_k_(x, batch.top_k, batch.max_top_k)
     if batch.top_p is not None:
         _mask_top_p_(x, batch.top_p, prune)
-    if not prune:
-        return argmax(x.add_(_gumbel_noise(batch)))
-    return _gumbel_argmax(x, batch, argmax)
+    return _gumbel_argmax(x, batch, argmax, prune)
 
 
 # The noise's range: u lies in [0.5, 2**23 - 0.5] / 2**23, so G = -log(-log u) lies in
@@ -174,7 +172,8 @@ _GUMBEL_SPREAD = -math.log(-math.log(_U_HIGH)) + math.log(-math.log(_U_LOW))
 
 
 def _gumbel_argmax(x: Tensor, batch: SamplingBatch,
-                   argmax: Callable[[Tensor], Tensor] = _torch_argmax) -> Tensor:
+                   argmax: Callable[[Tensor], Tensor] = _torch_argmax,
+                   prune: bool = True) -> Tensor:
     """argmax(x + G) over each row, G = `_gumbel_noise(batch)`, hashing only the candidates.
 
     With a 262k vocabulary the noise of every token costs more than the model's step (95 ms a
@@ -183,15 +182,17 @@ def _gumbel_argmax(x: Tensor, batch: SamplingBatch,
     their noise, the very values the full draw gives them, and the winner is the same token:
     the others' x + G stays below the winner's even after float32 rounding (the margin covers
     two roundings at the row's magnitude). Ties go to the lowest token id, as argmax's do.
+    Not `prune` (a GPU): every token's noise, since finding the candidates reads back.
     """
+    if not prune:
+        return argmax(x.add_(_gumbel_noise(batch)))
     rows, vocab = x.shape
     top = x.amax(dim=-1, keepdim=True)
     margin = 0.01 + top.abs() * 1e-6
     row, col = (x >= top - (_GUMBEL_SPREAD + margin)).nonzero(as_tuple=True)
     if row.numel() > x.numel() // 4 or not torch.isfinite(top).all():
         # Most tokens in play (a high temperature), or no finite value to prune against.
-        x.add_(_gumbel_noise(batch))
-        return argmax(x)
+        return argmax(x.add_(_gumbel_noise(batch)))
     start, stride = _row_streams(batch)
     h = col * stride[row]
     h.add_(start[row]).bitwise_and_(MASK32)
